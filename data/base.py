@@ -1,0 +1,99 @@
+"""Dataset registry and the Split contract shared by data, methods and the orchestrator.
+
+A *dataset* returns raw images (uint8, H×W×C with C = 1 or 3), integer class targets, class
+names and, where it has them, pixel masks. Image size, normalisation and augmentation are the
+method's business (see ``data.transforms``). A *protocol* (``data.protocols``) turns a dataset
+into a train ``Split`` and one or more test ``Split``s with binary labels (1 = anomalous / OOD).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message says which file or class, and what to do."""
+
+
+@dataclass
+class Split:
+    """One side (train or test) of a protocol, ready for a method.
+
+    images:      N×H×W×C uint8 array (may be a np.memmap), or a list of H×W×C uint8 arrays when
+                 sizes differ (e.g. the `unified` train split over MVTec categories).
+    labels:      N int64, 0 = normal / in-distribution, 1 = anomalous / OOD.
+    targets:     N int64, the original class index into ``class_names`` (for classifier methods:
+                 the in-distribution class id; -1 for OOD samples from another dataset).
+    class_names: names of the classes ``targets`` index.
+    masks:       N×H×W uint8 {0,1} at each image's size, or None where the dataset has no masks.
+    key:         a string that identifies the content exactly (dataset, its params, protocol,
+                 class set, side, OOD set); the feature cache keys on it.
+    """
+
+    images: np.ndarray | list
+    labels: np.ndarray
+    targets: np.ndarray
+    class_names: list[str]
+    key: str
+    masks: np.ndarray | list | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class RawData:
+    """What a dataset's ``load`` returns for one side (train / test) and class subset."""
+
+    images: np.ndarray | list
+    targets: np.ndarray
+    class_names: list[str]
+    masks: np.ndarray | list | None = None
+    is_anomalous: np.ndarray | None = None  # MVTec-style: test defect flags within a category
+    meta: dict = field(default_factory=dict)
+
+
+class DatasetParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Dataset:
+    """Base class. Subclasses set ``name``, ``Params`` and implement ``classes`` and ``load``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[DatasetParams]] = DatasetParams
+    has_masks: ClassVar[bool] = False
+
+    def __init__(self, params: DatasetParams):
+        self.params = params
+
+    def classes(self) -> list[str]:
+        raise NotImplementedError
+
+    def load(self, side: str, classes: Sequence[str] | None = None) -> RawData:
+        raise NotImplementedError
+
+
+DATASETS: dict[str, type[Dataset]] = {}
+
+
+def register_dataset(name: str) -> Callable[[type[Dataset]], type[Dataset]]:
+    def deco(cls: type[Dataset]) -> type[Dataset]:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} registered twice")
+        cls.name = name
+        DATASETS[name] = cls
+        return cls
+
+    return deco
+
+
+def create_dataset(name: str, params: dict | None = None) -> Dataset:
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
+    cls = DATASETS[name]
+    return cls(cls.Params(**(params or {})))

@@ -1,0 +1,1 @@
+"""One module per dataset; each registers itself with @register_dataset."""

@@ -1,0 +1,193 @@
+"""Method contract and registry (timm-style ``@register`` + ``create``).
+
+A method knows nothing of Ray, Parquet or metrics: it gets validated params and a ``RunContext``,
+``fit``s on a train ``Split`` and ``score``s a test ``Split`` (higher = more anomalous).
+Default hyper-parameters are the paper's; grids shrink them explicitly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from data.base import Split
+
+
+class MethodParams(BaseModel):
+    """Base for every method's parameter model: unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN / infinite loss; the cell fails with this message."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"non-finite loss at epoch {epoch}")
+        self.epoch = epoch
+
+
+def check_finite(loss: float, epoch: int) -> float:
+    if not math.isfinite(float(loss)):
+        raise NonFiniteLoss(epoch)
+    return float(loss)
+
+
+@dataclass
+class Scores:
+    """image: N floats; pixel: optional N×h×w maps; pred: optional N predicted class ids."""
+
+    image: np.ndarray
+    pixel: np.ndarray | None = None
+    pred: np.ndarray | None = None
+
+
+def nbytes_of(value: Any) -> int:
+    """Best-effort size of a cached value (arrays, tensors, and containers of them)."""
+    if hasattr(value, "nbytes"):
+        return int(value.nbytes)
+    if hasattr(value, "element_size") and hasattr(value, "nelement"):
+        return int(value.element_size() * value.nelement())
+    if isinstance(value, dict):
+        return sum(nbytes_of(v) for v in value.values()) + 64
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes_of(v) for v in value) + 64
+    if hasattr(value, "state_dict"):
+        return nbytes_of(value.state_dict())
+    return sys.getsizeof(value)
+
+
+class ArtifactCache:
+    """LRU cache with a byte budget for seed-independent artefacts (features, classifiers...).
+
+    ``get_or_compute(key, fn)`` returns ``(value, hit)``. A budget of 0 disables caching.
+    """
+
+    def __init__(self, budget_bytes: int = 4 << 30):
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(size for _, size in self._entries.values())
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def get(self, key, default=None):
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key][0]
+        return default
+
+    def put(self, key, value) -> None:
+        if self.budget_bytes <= 0:
+            return
+        size = nbytes_of(value)
+        if size > self.budget_bytes:
+            return
+        self._entries.pop(key, None)
+        self._entries[key] = (value, size)
+        while self.used_bytes > self.budget_bytes:
+            self._entries.popitem(last=False)
+
+    def get_or_compute(self, key, fn: Callable[[], Any]) -> tuple[Any, bool]:
+        if key in self._entries:
+            self.hits += 1
+            return self.get(key), True
+        self.misses += 1
+        value = fn()
+        self.put(key, value)
+        return value, False
+
+    def keys(self):
+        return list(self._entries)
+
+
+@dataclass
+class RunContext:
+    """What the orchestrator gives a method: device, seed, cache, logger, and a place to report.
+
+    Methods append to ``loss_curve`` (one float per epoch), set ``cache_hit`` when a cached
+    artefact served them, and record ``weights_sha256`` of any pretrained file they load.
+    """
+
+    device: str = "cpu"
+    seed: int = 0
+    cache: ArtifactCache = field(default_factory=lambda: ArtifactCache(0))
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("adgrid.method"))
+    loss_curve: list[float] = field(default_factory=list)
+    cache_hit: bool | None = None
+    weights_sha256: str | None = None
+
+    def cached(self, key, fn: Callable[[], Any]) -> Any:
+        value, hit = self.cache.get_or_compute(key, fn)
+        self.cache_hit = hit if self.cache_hit is None else (self.cache_hit and hit)
+        return value
+
+    def log_epoch(self, epoch: int, loss: float) -> None:
+        """Record one epoch's mean loss; raises NonFiniteLoss for NaN / inf."""
+        check_finite(loss, epoch)
+        self.loss_curve.append(float(loss))
+        self.log.info("epoch %d loss %.6f", epoch, loss)
+
+
+class Method:
+    """Base class of every method. Subclasses set ``Params`` and ``protocols``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    protocols: ClassVar[set[str]] = {"one_class"}
+    paper: ClassVar[str] = ""
+
+    def __init__(self, params: MethodParams, ctx: RunContext):
+        self.params = params
+        self.ctx = ctx
+
+    def fit(self, train: Split) -> None:
+        raise NotImplementedError
+
+    def score(self, test: Split) -> Scores:
+        raise NotImplementedError
+
+    def resolved_params(self) -> dict:
+        """Every hyper-parameter after defaults (image size, normalisation, epochs...)."""
+        return self.params.model_dump(mode="json")
+
+    @classmethod
+    def affinity_key(cls, params: MethodParams) -> tuple:
+        """What, beyond the data split, decides whether cells can share cached artefacts.
+
+        The runner sends cells with equal (split, affinity_key) to the same worker.
+        Frozen-feature methods return e.g. ("features", backbone, image_size).
+        """
+        return ()
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def create(name: str, params: dict | None, ctx: RunContext) -> Method:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    return cls(cls.Params(**(params or {})), ctx)
