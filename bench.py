@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""adgrid command line.
+
+  python bench.py GRID.yaml [--results DIR] [--run NAME] [--address ADDR] [--only KEY=VALUE ...]
+                  [--dry-run] [--rerun failed|all] [--max-attempts N] [--cell-timeout SECONDS]
+                  [--no-feature-cache] [--workers N] [--node-ip IP]
+  python bench.py list
+  python bench.py report RESULTS/RUN [--compare OTHER_RUN] [--tolerance POINTS]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+EXIT_BAD_INPUT = 2
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.py", description="Run a benchmark grid over Ray.")
+    p.add_argument("grid", help="grid YAML file (see grids/demo.yaml)")
+    p.add_argument("--results", default="results", help="results folder (default: results/)")
+    p.add_argument("--run", help="run name (default: the grid's name)")
+    p.add_argument("--address", help="existing Ray cluster: auto or HOST:PORT")
+    p.add_argument("--node-ip", default="127.0.0.2", help="node address of a local Ray (loopback)")
+    p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                   help="restrict the grid (method=, dataset=, class=, seed=, protocol=); repeatable")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and start nothing")
+    p.add_argument("--rerun", choices=["failed", "all"], help="run finished cells again")
+    p.add_argument("--max-attempts", type=int, default=2, help="attempts per cell when a worker dies")
+    p.add_argument("--cell-timeout", type=float, help="seconds before a cell is cancelled (timeout row)")
+    p.add_argument("--no-feature-cache", action="store_true", help="turn the worker feature cache off")
+    p.add_argument("--cache-gb", type=float, default=4.0, help="feature cache budget per worker (GiB)")
+    p.add_argument("--workers", type=int, help="number of worker actors (default: one per GPU / CPU slot)")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_only(items: list[str]) -> dict[str, list[str]]:
+    from orchestrator.config import ConfigError
+    from orchestrator.grid import ONLY_KEYS
+
+    only: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ONLY_KEYS:
+            raise ConfigError(f"--only {item!r}: expected KEY=VALUE with KEY one of {', '.join(ONLY_KEYS)}")
+        only.setdefault(key, []).append(value)
+    return only
+
+
+def summary_table(df) -> str:
+    import pandas as pd
+
+    if df.empty:
+        return "(no rows)"
+    g = df.groupby(["dataset", "protocol", "method"], dropna=False)
+    table = pd.DataFrame({
+        "rows": g.size(),
+        "ok": g["status"].apply(lambda s: int((s == "ok").sum())),
+        "image_auroc": g["image_auroc"].mean(),
+        "pixel_auroc": g["pixel_auroc"].mean(),
+        "total_s": g["total_s"].mean(),
+    })
+    return table.to_string(float_format=lambda v: f"{v:.3f}")
+
+
+def cmd_run(argv: list[str]) -> int:
+    args = run_parser().parse_args(argv)
+    from orchestrator.config import ConfigError, load_grid
+    from orchestrator.grid import expand
+    from orchestrator.store import RowStore
+
+    try:
+        grid = load_grid(args.grid)
+        only = parse_only(args.only)
+        expansion = expand(grid, only)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    cells = expansion.cells
+    if args.dry_run:
+        for what, why in expansion.dropped:
+            print(f"dropped: {what}: {why}")
+        for cell in cells:
+            print(cell.describe())
+        print(f"{len(cells)} cells ({len(expansion.dropped)} dropped)")
+        return 0
+    run_name = args.run or grid.name
+    store = RowStore(Path(args.results) / run_name)
+    store.clean_temporaries()
+    statuses = store.statuses()
+    if args.rerun == "all":
+        overwrite = {c.cell_id for c in cells if c.cell_id in statuses}
+    elif args.rerun == "failed":
+        overwrite = {c.cell_id for c in cells if statuses.get(c.cell_id, "ok") != "ok"}
+    else:
+        overwrite = set()
+    todo = [c for c in cells if c.cell_id not in statuses or c.cell_id in overwrite]
+    print(f"grid {grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run"
+          f" -> {store.rows_dir}")
+    if todo:
+        from orchestrator.runner import Runner, start_ray
+
+        dashboard = start_ray(args.address, node_ip=args.node_ip)
+        if dashboard:
+            print(f"Ray dashboard: {dashboard}")
+        runner = Runner(todo, store, run_id=run_name, max_attempts=args.max_attempts,
+                        cell_timeout=args.cell_timeout,
+                        cache_bytes=0 if args.no_feature_cache else int(args.cache_gb * (1 << 30)),
+                        workers=args.workers, overwrite=overwrite, progress=not args.quiet)
+        try:
+            s = runner.run()
+        except KeyboardInterrupt:
+            return 130
+        print(f"finished in {s.wall_s:.1f}s on {s.workers} worker(s): ok {s.ok}, failed {s.failed}, "
+              f"timeout {s.timeout}, retried {s.retried}")
+    df = store.read()
+    ids = {c.cell_id for c in cells}
+    df = df[df["base_cell_id"].isin(ids)]
+    print(summary_table(df))
+    failed = df[df["status"] != "ok"]
+    for _, row in failed.iterrows():
+        print(f"{row['status']}: {row['method']} {row['dataset']} class={row['normal_class']} "
+              f"seed={row['seed']}: {row['error']}")
+    if not args.no_report:
+        report_hook = _report_module()
+        if report_hook is not None and not df.empty:
+            out = report_hook.build_report(store.run_dir)
+            print(f"report: {out}")
+    return 0
+
+
+def _report_module():
+    try:
+        import reports.leaderboard as leaderboard
+    except ImportError:
+        return None
+    return leaderboard if hasattr(leaderboard, "build_report") else None
+
+
+def cmd_list() -> int:
+    from data import DATASETS
+    from data.protocols import PROTOCOLS
+    from methods import METHODS
+
+    def fields(model) -> str:
+        parts = []
+        for name, f in model.model_fields.items():
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            parts.append(f"    {name} = {default}")
+        return "\n".join(parts) or "    (no parameters)"
+
+    print("methods:")
+    for name, cls in sorted(METHODS.items()):
+        print(f"  {name}  protocols: {', '.join(sorted(cls.protocols))}" + (f"  [{cls.paper}]" if cls.paper else ""))
+        print(fields(cls.Params))
+    print("datasets:")
+    for name, cls in sorted(DATASETS.items()):
+        print(f"  {name}")
+        print(fields(cls.Params))
+    print("protocols:")
+    for name, text in PROTOCOLS.items():
+        print(f"  {name}: {text}")
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bench.py report")
+    p.add_argument("run_dir")
+    p.add_argument("--compare", help="another run folder to compare against")
+    p.add_argument("--tolerance", type=float, default=1.0, help="AUROC points counted as reproduced")
+    args = p.parse_args(argv)
+    module = _report_module()
+    if module is None:
+        print("error: the report stage (reports/leaderboard.py) is not available", file=sys.stderr)
+        return 1
+    if not (Path(args.run_dir) / "rows").is_dir():
+        print(f"error: {args.run_dir} has no rows/ folder (expected RESULTS/RUN)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = module.build_report(Path(args.run_dir), compare=args.compare, tolerance=args.tolerance)
+    print(f"report: {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["list"]:
+        return cmd_list()
+    if argv[:1] == ["report"]:
+        return cmd_report(argv[1:])
+    return cmd_run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Grid files: parse YAML, validate with pydantic, and check every name against the registries.
+
+Every mistake becomes a ``ConfigError`` whose message names the offending entry (``methods[1]
+.params.backbone``) and, where there is a closed set, lists the valid choices; ``bench.py`` turns
+it into exit code 2 before Ray starts.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ClassItem = Union[int, str, list[Union[int, str]]]
+
+
+class ConfigError(ValueError):
+    """A grid file that cannot run; the message names the entry and the valid choices."""
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    gpu: float = Field(0.0, ge=0, description="GPU fraction per cell (0.25 lets four share one)")
+    cpu: float = Field(1.0, gt=0, description="CPU slots per worker")
+
+
+class MethodEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+
+
+class DatasetEntry(BaseModel):
+    """A dataset with its protocol; keys other than these are the dataset's own params (root...)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    protocol: str = "one_class"
+    classes: Union[Literal["all"], list[ClassItem]] = "all"
+    ood: list[str] = Field(default_factory=list)
+    ood_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ExcludeRule(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    method: str | None = None
+    dataset: str | None = None
+    protocol: str | None = None
+    normal_class: str | int | None = Field(None, alias="class")
+    seed: int | None = None
+
+
+class GridConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    datasets: list[DatasetEntry] = Field(min_length=1)
+    methods: list[MethodEntry] = Field(min_length=1)
+    exclude: list[ExcludeRule] = Field(default_factory=list)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be unique")
+        return seeds
+
+
+def _choices(name: str, valid) -> str:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{name!r}{hint}; valid: {', '.join(valid)}"
+
+
+def _loc(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _pydantic_message(prefix: str, err: ValidationError, valid_fields=None) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(p for p in [prefix, _loc(e["loc"])] if p)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and valid_fields is not None:
+            msg = f"unknown parameter; valid: {', '.join(sorted(valid_fields))}"
+        lines.append(f"{where}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
+                                           and not isinstance(e["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+def sweep(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Expand list values into their cartesian product (a list parameter takes a nested list)."""
+    keys = list(params)
+    axes = [params[k] if isinstance(params[k], list) else [params[k]] for k in keys]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*axes)]
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    """Read and fully validate a grid file (structure, names, params, classes)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such grid file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a grid file is a mapping with name, seeds, datasets, methods")
+    try:
+        grid = GridConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: invalid grid\n" + _pydantic_message("", e, GridConfig.model_fields)) from None
+    check_names(grid, str(path))
+    return grid
+
+
+def check_names(grid: GridConfig, where: str = "grid") -> None:
+    """Check methods, datasets, protocols, params and classes against the registries."""
+    from data import DATASETS
+    from data.protocols import PROTOCOLS, resolve_classes
+    from methods import METHODS
+
+    problems: list[str] = []
+    for i, m in enumerate(grid.methods):
+        if m.name not in METHODS:
+            problems.append(f"methods[{i}].name: unknown method {_choices(m.name, METHODS)}")
+            continue
+        params_model = METHODS[m.name].Params
+        for combo in sweep(m.params):
+            try:
+                params_model(**combo)
+            except ValidationError as e:
+                problems.append(_pydantic_message(f"methods[{i}] ({m.name}).params", e,
+                                                  params_model.model_fields))
+                break
+    for i, d in enumerate(grid.datasets):
+        if d.name not in DATASETS:
+            problems.append(f"datasets[{i}].name: unknown dataset {_choices(d.name, DATASETS)}")
+            continue
+        if d.protocol not in PROTOCOLS:
+            problems.append(f"datasets[{i}] ({d.name}).protocol: unknown protocol "
+                            f"{_choices(d.protocol, PROTOCOLS)}")
+        ds_params_model = DATASETS[d.name].Params
+        try:
+            ds_params_model(**d.params)
+        except ValidationError as e:
+            problems.append(_pydantic_message(f"datasets[{i}] ({d.name})", e,
+                                              set(ds_params_model.model_fields) | set(DatasetEntry.model_fields)))
+            continue
+        if d.protocol == "ood" and not d.ood:
+            problems.append(f"datasets[{i}] ({d.name}).ood: the ood protocol needs at least one OOD dataset")
+        for j, o in enumerate(d.ood):
+            if o not in DATASETS:
+                problems.append(f"datasets[{i}] ({d.name}).ood[{j}]: unknown dataset {_choices(o, DATASETS)}")
+        if d.ood and d.protocol != "ood":
+            problems.append(f"datasets[{i}] ({d.name}).ood: only the ood protocol takes OOD sets")
+        try:
+            resolve_classes(d.name, d.params, d.classes)
+        except Exception as e:  # DataError: unknown class, missing root...
+            problems.append(f"datasets[{i}] ({d.name}).classes: {e}")
+    for i, rule in enumerate(grid.exclude):
+        if rule.method is not None and rule.method not in METHODS:
+            problems.append(f"exclude[{i}].method: unknown method {_choices(rule.method, METHODS)}")
+        if rule.dataset is not None and rule.dataset not in DATASETS:
+            problems.append(f"exclude[{i}].dataset: unknown dataset {_choices(rule.dataset, DATASETS)}")
+    if problems:
+        raise ConfigError(f"{where}: invalid grid\n" + "\n".join(problems))

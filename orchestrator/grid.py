@@ -1,0 +1,158 @@
+"""Expand a validated grid into Cells with stable ids; drop incompatible cells with a reason."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.config import GridConfig, sweep
+
+# Dataset params that say where data lives, not what it is: two machines with different roots
+# must agree on which cells are done, so these stay out of cell_id.
+LOCATION_PARAMS = frozenset({"root", "download", "cache_dir"})
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def short_hash(obj: Any) -> str:
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, params, dataset, protocol, normal class or class set, seed)."""
+
+    method: str
+    params: dict
+    dataset: str
+    dataset_params: dict
+    protocol: str
+    normal_class: str | tuple  # a class name, a tuple of names (a class set), or "all"
+    seed: int
+    ood: tuple = ()
+    ood_params: dict = field(default_factory=dict)
+    resources: dict = field(default_factory=dict)
+
+    @property
+    def identity(self) -> dict:
+        content = {k: v for k, v in self.dataset_params.items() if k not in LOCATION_PARAMS}
+        ident = {"method": self.method, "params": self.params, "dataset": self.dataset,
+                 "dataset_params": content, "protocol": self.protocol,
+                 "normal_class": list(self.normal_class) if isinstance(self.normal_class, tuple)
+                 else self.normal_class, "seed": self.seed}
+        if self.ood:
+            ident["ood"] = sorted(self.ood)
+        return ident
+
+    @property
+    def cell_id(self) -> str:
+        return short_hash(self.identity)
+
+    def row_id(self, subkey: str | None) -> str:
+        """Id of one row of this cell: the cell's id, or, for a cell that yields several rows
+        (unified: one per category; ood: one per OOD set), a hash of the cell and the subkey."""
+        return self.cell_id if subkey is None else short_hash([self.identity, subkey])
+
+    @property
+    def class_label(self) -> str:
+        from data.protocols import class_label
+
+        return class_label(self.normal_class)
+
+    @property
+    def data_key(self) -> tuple:
+        """Cells with equal data_key read the same split (the runner's affinity, with the method's)."""
+        return (self.dataset, canonical(self.dataset_params), self.protocol,
+                canonical(self.normal_class), self.ood)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["normal_class"] = list(self.normal_class) if isinstance(self.normal_class, tuple) else self.normal_class
+        d["ood"] = list(self.ood)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cell":
+        d = dict(d)
+        if isinstance(d["normal_class"], list):
+            d["normal_class"] = tuple(d["normal_class"])
+        d["ood"] = tuple(d.get("ood", ()))
+        return cls(**d)
+
+    def describe(self) -> str:
+        extra = f" ood={','.join(self.ood)}" if self.ood else ""
+        return (f"{self.cell_id}  {self.method} {canonical(self.params)}  {self.dataset}/{self.protocol}"
+                f"  class={self.class_label} seed={self.seed}{extra}")
+
+
+@dataclass
+class Expansion:
+    cells: list[Cell]
+    dropped: list[tuple[str, str]]  # (what, why)
+
+
+def _matches(rule, cell: Cell) -> bool:
+    checks = [(rule.method, cell.method), (rule.dataset, cell.dataset), (rule.protocol, cell.protocol),
+              (rule.seed, cell.seed)]
+    if any(want is not None and want != have for want, have in checks):
+        return False
+    if rule.normal_class is not None:
+        names = cell.normal_class if isinstance(cell.normal_class, tuple) else (cell.normal_class,)
+        if str(rule.normal_class) not in names and str(rule.normal_class) != cell.class_label:
+            return False
+    return True
+
+
+def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expansion:
+    """Grid -> cells: methods × param sweep × datasets × classes × seeds, minus exclusions,
+    minus cells whose method does not support the dataset's protocol (with a reason)."""
+    from data.protocols import resolve_classes
+    from methods import METHODS
+
+    only = only or {}
+    cells: list[Cell] = []
+    dropped: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for d in grid.datasets:
+        if d.protocol in ("unified", "ood") and d.classes == "all":
+            normal_classes = ["all"]
+        else:
+            normal_classes = resolve_classes(d.name, d.params, d.classes)
+        for m in grid.methods:
+            method_cls = METHODS[m.name]
+            if d.protocol not in method_cls.protocols:
+                dropped.append((f"{m.name} × {d.name}/{d.protocol}",
+                                f"{m.name} does not support protocol {d.protocol!r} "
+                                f"(supports {', '.join(sorted(method_cls.protocols))})"))
+                continue
+            for params in sweep(m.params):
+                resolved = method_cls.Params(**params).model_dump(mode="json", exclude_unset=True)
+                for normal_class in normal_classes:
+                    for seed in grid.seeds:
+                        cell = Cell(method=m.name, params=resolved, dataset=d.name,
+                                    dataset_params=d.params, protocol=d.protocol,
+                                    normal_class=normal_class, seed=seed, ood=tuple(d.ood),
+                                    ood_params=d.ood_params, resources=m.resources.model_dump())
+                        if any(_matches(rule, cell) for rule in grid.exclude):
+                            dropped.append((cell.describe(), "excluded by the grid"))
+                            continue
+                        if not _selected(cell, only) or cell.cell_id in seen:
+                            continue
+                        seen.add(cell.cell_id)
+                        cells.append(cell)
+    return Expansion(cells, dropped)
+
+
+ONLY_KEYS = ("method", "dataset", "class", "seed", "protocol")
+
+
+def _selected(cell: Cell, only: dict[str, list[str]]) -> bool:
+    """--only KEY=VALUE filters: values of one key are alternatives, keys must all match."""
+    have = {"method": {cell.method}, "dataset": {cell.dataset}, "protocol": {cell.protocol},
+            "seed": {str(cell.seed)},
+            "class": {cell.class_label, *(cell.normal_class if isinstance(cell.normal_class, tuple)
+                                          else (cell.normal_class,))}}
+    return all(have[key] & set(values) for key, values in only.items())

@@ -1,0 +1,257 @@
+"""Fan cells out over Ray Core worker actors; stream rows to the store as they arrive.
+
+Why actors and not Tune trials: DESIGN.md ("Ray"). One worker per GPU (or per GPU fraction a
+method asks for), otherwise one per free CPU slot. A raising cell is a failed row; a worker that
+dies is replaced and its cell re-queued up to ``max_attempts``; a cell past ``cell_timeout`` has
+its worker killed and becomes a ``timeout`` row. The driver writes every row the moment it
+arrives, so killing the driver loses only the cells in flight.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.cell import failure_row
+from orchestrator.grid import Cell
+from orchestrator.store import RowStore
+
+DEFAULT_NODE_IP = "127.0.0.2"
+DEFAULT_CACHE_BYTES = 4 << 30
+POLL_S = 0.25
+
+
+def git_sha(repo: Path | None = None) -> str | None:
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return os.environ.get("ADGRID_GIT_SHA")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def start_ray(address: str | None = None, node_ip: str = DEFAULT_NODE_IP, num_cpus: int | None = None,
+              dashboard: bool = True, log_to_driver: bool = False) -> str | None:
+    """Start a local Ray on a loopback node address, or connect to ``address`` (or the cluster a
+    ``ray job submit`` driver runs in). Returns the dashboard URL where there is one."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return None
+    repo = str(Path(__file__).resolve().parents[1])
+    if address or os.environ.get("RAY_ADDRESS"):
+        runtime_env = None
+        if address and not os.environ.get("RAY_JOB_ID"):
+            # workers on other nodes need this code: ship the repository as the working dir
+            runtime_env = {"working_dir": repo,
+                           "excludes": ["results/", ".git/", "**/__pycache__/", "reports/reproductions/"]}
+        ctx = ray.init(address=address or None, runtime_env=runtime_env, log_to_driver=log_to_driver)
+    else:
+        ctx = ray.init(num_cpus=num_cpus, _node_ip_address=node_ip, include_dashboard=dashboard,
+                       dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
+                       runtime_env={"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}})
+    url = getattr(ctx, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+@dataclass
+class Slot:
+    """A worker actor and what it is doing."""
+
+    handle: object
+    ref: object = None
+    cell: Cell | None = None
+    attempt: int = 0
+    started: float = 0.0
+    warm: set = field(default_factory=set)
+
+
+@dataclass
+class Summary:
+    ok: int = 0
+    failed: int = 0
+    timeout: int = 0
+    retried: int = 0
+    skipped: int = 0
+    wall_s: float = 0.0
+    nodes: set = field(default_factory=set)
+    busy_s: float = 0.0
+    workers: int = 0
+
+
+def affinity(cell: Cell) -> tuple:
+    from methods import METHODS
+
+    method_cls = METHODS[cell.method]
+    return (cell.data_key, method_cls.affinity_key(method_cls.Params(**cell.params)))
+
+
+class Runner:
+    def __init__(self, cells: list[Cell], store: RowStore, *, run_id: str, max_attempts: int = 2,
+                 cell_timeout: float | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 workers: int | None = None, overwrite: set[str] | None = None, progress: bool = True):
+        self.cells = cells
+        self.store = store
+        self.run_id = run_id
+        self.max_attempts = max(1, max_attempts)
+        self.cell_timeout = cell_timeout
+        self.cache_bytes = cache_bytes
+        self.n_workers = workers
+        self.overwrite = overwrite or set()
+        self.progress = progress
+        self.git_sha = git_sha()
+        self.summary = Summary()
+
+    # -- workers -------------------------------------------------------------------------
+    def _worker_shape(self) -> tuple[int, dict]:
+        import ray
+
+        total = ray.cluster_resources()
+        gpus = float(total.get("GPU", 0))
+        if gpus > 0:
+            asks = [c.resources.get("gpu", 0) for c in self.cells if c.resources.get("gpu", 0) > 0]
+            frac = min(asks) if asks else 1.0
+            count = max(1, int(gpus / frac + 1e-9))
+            cpus = max(1.0, float(total.get("CPU", 1)) // count)
+            return count, {"num_gpus": frac, "num_cpus": min(cpus, 1.0)}
+        cpu_per = max([c.resources.get("cpu", 1.0) for c in self.cells] or [1.0])
+        free = float(ray.available_resources().get("CPU", total.get("CPU", 1)))
+        return max(1, int(free // cpu_per)), {"num_cpus": cpu_per}
+
+    def _new_worker(self, opts: dict) -> Slot:
+        import ray
+
+        from orchestrator.worker import Worker
+
+        actor_cls = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
+        handle = actor_cls.options(scheduling_strategy="SPREAD", **opts).remote(
+            self.cache_bytes, opts.get("num_gpus", 0) > 0, int(max(1, opts.get("num_cpus", 1))))
+        return Slot(handle=handle)
+
+    # -- scheduling ----------------------------------------------------------------------
+    def _next_cell(self, slot: Slot, queues: dict[tuple, deque], taken: set[tuple]):
+        """Prefer a group this worker has warm, then a group nobody works on, then the largest."""
+        live = [k for k, q in queues.items() if q]
+        if not live:
+            return None
+        warm = [k for k in live if k in slot.warm]
+        fresh = [k for k in live if k not in taken]
+        key = (warm or sorted(fresh, key=lambda k: -len(queues[k])) or
+               sorted(live, key=lambda k: -len(queues[k])))[0]
+        slot.warm.add(key)
+        taken.add(key)
+        return queues[key].popleft()
+
+    def _record(self, cell: Cell, rows: list[dict]) -> None:
+        for row in rows:
+            row["run_id"] = self.run_id
+            row["git_sha"] = self.git_sha
+        self.store.write(cell.cell_id, rows, overwrite=cell.cell_id in self.overwrite)
+        self.overwrite.discard(cell.cell_id)
+        status = rows[0]["status"] if all(r["status"] == rows[0]["status"] for r in rows) else "failed"
+        setattr(self.summary, status, getattr(self.summary, status) + 1)
+        for row in rows:
+            if row.get("node_ip"):
+                self.summary.nodes.add((row.get("node_ip"), row.get("node_id")))
+        self.summary.busy_s += max((r.get("total_s") or 0.0) for r in rows)
+
+    def run(self) -> Summary:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        queues: dict[tuple, deque] = {}
+        for cell in self.cells:
+            queues.setdefault(affinity(cell), deque()).append((cell, 1))
+        count, opts = self._worker_shape()
+        count = min(self.n_workers or count, max(1, len(self.cells)))
+        slots = [self._new_worker(opts) for _ in range(count)]
+        self.summary.workers = count
+        taken: set[tuple] = set()
+        bar = tqdm(total=len(self.cells), unit="cell", disable=not self.progress, dynamic_ncols=True,
+                   file=sys.stdout, mininterval=0.5)
+
+        def show():
+            s = self.summary
+            running = sum(1 for sl in slots if sl.ref is not None)
+            bar.set_postfix_str(f"ok={s.ok} failed={s.failed + s.timeout} running={running}", refresh=False)
+
+        def finish(slot: Slot):
+            slot.ref, slot.cell = None, None
+            bar.update(1)
+
+        def replace(slot: Slot) -> None:
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception:
+                pass
+            fresh = self._new_worker(opts)
+            slot.handle, slot.warm = fresh.handle, set()
+
+        try:
+            while True:
+                for slot in slots:
+                    if slot.ref is None:
+                        nxt = self._next_cell(slot, queues, taken)
+                        if nxt is not None:
+                            slot.cell, slot.attempt = nxt
+                            slot.ref = slot.handle.run.remote(slot.cell.to_dict(), self.run_id, slot.attempt)
+                            slot.started = time.perf_counter()
+                busy = [s for s in slots if s.ref is not None]
+                if not busy:
+                    break
+                show()
+                ready, _ = ray.wait([s.ref for s in busy], num_returns=1, timeout=POLL_S)
+                ready_set = set(ready)
+                for slot in busy:
+                    if slot.ref in ready_set:
+                        cell, attempt = slot.cell, slot.attempt
+                        try:
+                            rows = ray.get(slot.ref)
+                        except RayActorError as e:
+                            replace(slot)
+                            if attempt < self.max_attempts:
+                                self.summary.retried += 1
+                                queues.setdefault(affinity(cell), deque()).appendleft((cell, attempt + 1))
+                                slot.ref, slot.cell = None, None
+                                continue
+                            rows = [failure_row(cell, self.run_id, attempt, "failed",
+                                                f"worker died {attempt} time(s) (max attempts "
+                                                f"{self.max_attempts}): {type(e).__name__}: {str(e)[:500]}")]
+                        except RayTaskError as e:
+                            rows = [failure_row(cell, self.run_id, attempt, "failed",
+                                                f"{type(e).__name__}: {str(e)[:2000]}")]
+                        self._record(cell, rows)
+                        finish(slot)
+                    elif self.cell_timeout and time.perf_counter() - slot.started > self.cell_timeout:
+                        cell = slot.cell
+                        replace(slot)
+                        self._record(cell, [failure_row(
+                            cell, self.run_id, slot.attempt, "timeout",
+                            f"cell exceeded --cell-timeout {self.cell_timeout:g}s and was cancelled")])
+                        finish(slot)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ninterrupted: {self.summary.ok + self.summary.failed + self.summary.timeout} "
+                  f"rows written to {self.store.rows_dir}; run the same command again to resume")
+            raise
+        finally:
+            for slot in slots:
+                try:
+                    ray.kill(slot.handle, no_restart=True)
+                except Exception:
+                    pass
+            bar.close()
+        self.summary.wall_s = time.perf_counter() - t0
+        return self.summary
