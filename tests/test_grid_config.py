@@ -1,0 +1,137 @@
+"""Grid files: expansion, stable cell ids, filters, and a clear exit-2 error for each mistake."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT, write_grid
+
+GOOD = """
+name: t
+seeds: [0, 1]
+datasets:
+  - name: digits
+    protocol: one_class
+    classes: [0, 1, [2, 3]]
+methods:
+  - name: noop
+    params: {sleep_s: [0.0, 0.01]}
+  - name: noop
+    params: {fail: true}
+exclude:
+  - {method: noop, class: 1, seed: 1}
+"""
+
+
+def grid_of(tmp_path, text=GOOD):
+    from orchestrator.config import load_grid
+
+    return load_grid(write_grid(tmp_path / "g.yaml", textwrap.dedent(text)))
+
+
+def test_expansion_counts_sweeps_sets_and_exclusions(tmp_path):
+    from orchestrator.grid import expand
+
+    exp = expand(grid_of(tmp_path))
+    # 3 param combos x 3 class entries x 2 seeds = 18, minus class 1 seed 1 (3 combos)
+    assert len(exp.cells) == 15
+    assert sum(1 for what, why in exp.dropped if why == "excluded by the grid") == 3
+    assert {c.class_label for c in exp.cells} == {"0", "1", "2+3"}
+    assert {c.params.get("sleep_s") for c in exp.cells} == {0.0, 0.01, None}
+    assert len({c.cell_id for c in exp.cells}) == 15
+
+
+def test_cell_id_is_stable_and_ignores_grid_order_and_location(tmp_path):
+    from orchestrator.grid import Cell, expand
+
+    ids = {c.cell_id for c in expand(grid_of(tmp_path)).cells}
+    reordered = GOOD.replace("classes: [0, 1, [2, 3]]", "classes: [[2, 3], 1, 0]").replace("seeds: [0, 1]", "seeds: [1, 0]")
+    assert {c.cell_id for c in expand(grid_of(tmp_path, reordered)).cells} == ids
+    cell = Cell("noop", {"sleep_s": 0.0}, "mvtec", {"root": "/a"}, "one_class", "bottle", 0)
+    moved = Cell("noop", {"sleep_s": 0.0}, "mvtec", {"root": "/elsewhere"}, "one_class", "bottle", 0)
+    other_seed = Cell("noop", {"sleep_s": 0.0}, "mvtec", {"root": "/a"}, "one_class", "bottle", 1)
+    assert cell.cell_id == moved.cell_id != other_seed.cell_id
+    assert Cell.from_dict(cell.to_dict()) == cell
+    assert cell.row_id(None) == cell.cell_id != cell.row_id("bottle")
+
+
+def test_only_filters(tmp_path):
+    from orchestrator.grid import expand
+
+    g = grid_of(tmp_path)
+    cells = expand(g, {"class": ["2+3"], "seed": ["0"]}).cells
+    assert {(c.class_label, c.seed) for c in cells} == {("2+3", 0)} and len(cells) == 3
+    assert expand(g, {"method": ["nope"]}).cells == []
+
+
+def test_incompatible_protocol_is_dropped_with_reason(tmp_path, monkeypatch):
+    from methods import METHODS
+    from orchestrator.grid import expand
+
+    monkeypatch.setattr(METHODS["noop"], "protocols", {"ood"})
+    exp = expand(grid_of(tmp_path))
+    assert exp.cells == []
+    assert any("does not support protocol 'one_class'" in why for _, why in exp.dropped)
+
+
+BAD = {
+    "malformed YAML": ("name: t\nseeds: [0\n", "malformed YAML"),
+    "unknown method": (GOOD.replace("name: noop\n    params: {fail: true}", "name: padimm\n    params: {}"),
+                       "methods[1].name: unknown method 'padimm'"),
+    "unknown dataset": (GOOD.replace("name: digits", "name: digitz"), "datasets[0].name: unknown dataset 'digitz'"),
+    "unknown class": (GOOD.replace("[0, 1, [2, 3]]", "[0, 11]"), "datasets[0] (digits).classes"),
+    "unknown parameter": (GOOD.replace("{fail: true}", "{fial: true}"), "methods[1] (noop).params.fial: unknown parameter; valid:"),
+    "unknown protocol": (GOOD.replace("protocol: one_class", "protocol: one-class"), "unknown protocol 'one-class'"),
+    "wrong type": (GOOD.replace("{fail: true}", "{sleep_s: soon}"), "methods[1] (noop).params.sleep_s"),
+    "wrong type of seeds": (GOOD.replace("seeds: [0, 1]", "seeds: zero"), "seeds"),
+    "missing methods": ("name: t\ndatasets: [{name: digits}]\n", "methods: Field required"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_grid_exits_2_before_ray_with_named_entry(tmp_path, kind, capsys):
+    import ray
+
+    import bench
+
+    text, expected = BAD[kind]
+    path = write_grid(tmp_path / "bad.yaml", text)
+    assert bench.main([str(path), "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    if kind in ("unknown method", "unknown dataset", "unknown protocol", "unknown parameter"):
+        assert "valid:" in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_grid_exit_code_from_the_command_line(tmp_path):
+    path = write_grid(tmp_path / "bad.yaml", BAD["unknown method"][0])
+    out = subprocess.run([sys.executable, str(ROOT / "bench.py"), str(path)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert "unknown method 'padimm'" in out.stderr and "noop" in out.stderr
+
+
+def test_dry_run_prints_cells_count_and_drops(tmp_path, capsys):
+    import ray
+
+    import bench
+
+    path = write_grid(tmp_path / "g.yaml", textwrap.dedent(GOOD))
+    assert bench.main([str(path), "--dry-run", "--only", "seed=0"]) == 0
+    out = capsys.readouterr().out
+    assert "9 cells" in out and "dropped:" in out
+    assert out.count("noop {") == 9
+    assert not ray.is_initialized()
+
+
+def test_bad_only_key_exits_2(tmp_path, capsys):
+    import bench
+
+    path = write_grid(tmp_path / "g.yaml", textwrap.dedent(GOOD))
+    assert bench.main([str(path), "--dry-run", "--only", "colour=red"]) == 2
+    assert "KEY one of" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""The runner on a real local Ray: rows, provenance, failures, worker death, timeouts, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run_grid_inprocess, write_grid
+
+
+def grid_text(name: str, methods: str, classes: str = "[0, 1]", seeds: str = "[0]") -> str:
+    return textwrap.dedent(f"""
+        name: {name}
+        seeds: {seeds}
+        datasets:
+          - name: digits
+            protocol: one_class
+            classes: {classes}
+        methods:
+        """) + textwrap.indent(textwrap.dedent(methods), "  ")
+
+
+def test_rows_schema_and_provenance(ray_local, tmp_path):
+    from orchestrator.store import COLUMNS
+
+    path = write_grid(tmp_path / "g.yaml", grid_text("ok", "- name: noop\n", seeds="[0, 1]"))
+    store, summary, cells = run_grid_inprocess(path, tmp_path / "results")
+    assert summary.ok == 4 and summary.failed == 0
+    df = pd.read_parquet(store.rows_dir)
+    assert list(df.columns) == COLUMNS
+    assert len(df) == 4 and set(df["cell_id"]) == {c.cell_id for c in cells}
+    row = df.iloc[0]
+    assert row["status"] == "ok" and 0.0 <= row["image_auroc"] <= 1.0
+    assert row["node_ip"] == "127.0.0.2" and row["hostname"] and row["worker_pid"] > 0
+    assert row["git_sha"] and "torch" in json.loads(row["versions"]) and "ray" in json.loads(row["versions"])
+    assert row["peak_rss_bytes"] > 10 << 20 and row["total_s"] >= row["fit_s"] >= 0
+    assert row["device"] == "cpu" and row["n_test"] == len(row["labels"]) == len(row["image_scores"])
+    assert row["started_at"] <= row["finished_at"]
+    # scores in the row reproduce the metric
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(row["labels"], row["image_scores"]) == pytest.approx(row["image_auroc"])
+
+
+def test_raising_cell_is_a_failed_row_and_the_grid_goes_on(ray_local, tmp_path):
+    path = write_grid(tmp_path / "g.yaml", grid_text("fail", "- name: noop\n  params: {fail: [false, true]}\n"))
+    store, summary, _ = run_grid_inprocess(path, tmp_path / "results")
+    df = store.read()
+    assert summary.ok == 2 and summary.failed == 2 and len(df) == 4
+    failed = df[df["status"] == "failed"]
+    assert (failed["error"] == "RuntimeError: noop asked to fail").all()
+    assert failed["traceback"].str.contains("in fit").all()
+    assert failed["image_auroc"].isna().all()
+
+
+def test_sigkilled_worker_is_replaced_and_its_cell_requeued(ray_local, tmp_path):
+    marker = tmp_path / "killed-once"
+    methods = f"""
+        - name: noop
+          params: {{kill_marker: "{marker}"}}
+        - name: noop
+          params: {{kill: true}}
+        - name: noop
+        """
+    path = write_grid(tmp_path / "g.yaml", grid_text("kill", methods, classes="[0]"))
+    store, summary, _ = run_grid_inprocess(path, tmp_path / "results", max_attempts=2)
+    df = store.read()
+    assert len(df) == 3 and marker.exists()
+    survived = df[df["params"].str.contains("kill_marker")].iloc[0]
+    assert survived["status"] == "ok" and survived["attempt"] == 2
+    killed = df[df["params"].str.contains('"kill":true')].iloc[0]
+    assert killed["status"] == "failed" and "worker died 2 time(s)" in killed["error"]
+    assert (df[df["params"] == "{}"]["status"] == "ok").all()
+    assert summary.retried == 2
+
+
+def test_hung_cell_times_out_and_others_finish(ray_local, tmp_path):
+    path = write_grid(tmp_path / "g.yaml", grid_text("hang", "- name: noop\n  params: {hang: [true, false]}\n",
+                                                      classes="[0]"))
+    t0 = time.time()
+    store, summary, _ = run_grid_inprocess(path, tmp_path / "results", cell_timeout=3)
+    df = store.read()
+    assert time.time() - t0 < 60
+    assert summary.timeout == 1 and summary.ok == 1
+    hung = df[df["status"] == "timeout"].iloc[0]
+    assert "--cell-timeout 3s" in hung["error"]
+
+
+def test_a_cell_is_never_written_twice(tmp_path):
+    from orchestrator.store import RowStore
+
+    store = RowStore(tmp_path / "run")
+    row = {"cell_id": "abc", "status": "ok", "labels": [0, 1], "image_scores": [0.1, 0.9]}
+    assert store.write("abc", [row]) is True
+    assert store.write("abc", [dict(row, status="failed")]) is False
+    assert store.read()["status"].tolist() == ["ok"]
+    assert store.write("abc", [dict(row, status="failed")], overwrite=True) is True
+    assert store.statuses() == {"abc": "failed"}
+    assert not list(store.rows_dir.glob(".*"))
+
+
+def test_corrupt_row_file_is_treated_as_not_done(tmp_path):
+    from orchestrator.store import RowStore
+
+    store = RowStore(tmp_path / "run")
+    (store.rows_dir / "deadbeef.parquet").write_bytes(b"PAR1 not really parquet")
+    (store.rows_dir / ".x.123.tmp").write_bytes(b"half a file")
+    assert store.statuses() == {}
+    assert store.clean_temporaries() == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_the_driver_is_killed(tmp_path, sig):
+    """Kill the driver mid-grid; the same command then runs only the cells without a row."""
+    path = write_grid(tmp_path / "g.yaml", grid_text("resume", "- name: noop\n  params: {sleep_s: 1.0}\n",
+                                                      classes="[0, 1, 2, 3, 4]", seeds="[0, 1]"))
+    results = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "bench.py"), str(path), "--results", str(results), "--quiet",
+           "--no-report", "--node-ip", "127.0.0.4"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    rows_dir = results / "resume" / "rows"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(rows_dir.glob("*.parquet"))) < 3:
+        time.sleep(0.2)
+    written = len(list(rows_dir.glob("*.parquet")))
+    assert 3 <= written < 10, proc.communicate()[0] if written < 3 else written
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    else:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out = proc.communicate(timeout=60)[0]
+    if sig == signal.SIGINT:
+        assert "run the same command again to resume" in out
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    before = {f.name: f.stat().st_mtime_ns for f in rows_dir.glob("*.parquet")}
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"{len(before)} already done, {10 - len(before)} to run" in second.stdout
+    df = pd.read_parquet(rows_dir)
+    assert len(df) == 10 and df["cell_id"].is_unique and (df["status"] == "ok").all()
+    assert {f.name: f.stat().st_mtime_ns for f in rows_dir.glob("*.parquet") if f.name in before} == before
+    assert not list(rows_dir.glob(".*"))
+    third = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "10 already done, 0 to run" in third.stdout
