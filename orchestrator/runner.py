@@ -87,6 +87,7 @@ class Summary:
     nodes: set = field(default_factory=set)
     busy_s: float = 0.0
     workers: int = 0
+    startup_s: float = 0.0
 
 
 def affinity(cell: Cell) -> tuple:
@@ -111,6 +112,7 @@ class Runner:
         self.progress = progress
         self.git_sha = git_sha()
         self.summary = Summary()
+        self.latencies: list[tuple[float, float]] = []  # (dispatch -> row written, cell's own total_s)
 
     # -- workers -------------------------------------------------------------------------
     def _worker_shape(self) -> tuple[int, dict]:
@@ -137,6 +139,17 @@ class Runner:
         handle = actor_cls.options(scheduling_strategy="SPREAD", **opts).remote(
             self.cache_bytes, opts.get("num_gpus", 0) > 0, int(max(1, opts.get("num_cpus", 1))))
         return Slot(handle=handle)
+
+    def _wait_ready(self, slots: list[Slot], opts: dict, timeout_s: float = 600) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            infos = ray.get([s.handle.info.remote() for s in slots], timeout=timeout_s)
+        except GetTimeoutError:
+            raise RuntimeError(f"{len(slots)} worker(s) with {opts} could not start within {timeout_s:.0f}s: "
+                               f"the cluster has {ray.cluster_resources()}") from None
+        self.worker_info = infos
 
     # -- scheduling ----------------------------------------------------------------------
     def _next_cell(self, slot: Slot, queues: dict[tuple, deque], taken: set[tuple]):
@@ -178,6 +191,9 @@ class Runner:
         count = min(self.n_workers or count, max(1, len(self.cells)))
         slots = [self._new_worker(opts) for _ in range(count)]
         self.summary.workers = count
+        self._wait_ready(slots, opts)
+        self.summary.startup_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         taken: set[tuple] = set()
         bar = tqdm(total=len(self.cells), unit="cell", disable=not self.progress, dynamic_ncols=True,
                    file=sys.stdout, mininterval=0.5)
@@ -233,6 +249,7 @@ class Runner:
                             rows = [failure_row(cell, self.run_id, attempt, "failed",
                                                 f"{type(e).__name__}: {str(e)[:2000]}")]
                         self._record(cell, rows)
+                        self.latencies.append((time.perf_counter() - slot.started, rows[0].get("total_s") or 0.0))
                         finish(slot)
                     elif self.cell_timeout and time.perf_counter() - slot.started > self.cell_timeout:
                         cell = slot.cell
