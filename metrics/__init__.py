@@ -8,13 +8,14 @@ higher = more anomalous. Inputs that make a metric undefined or meaningless
 """
 from ._checks import MetricError
 from .evaluate import METRIC_COLUMNS, evaluate
-from .image import accuracy, aupr_in, aupr_out, detection_error, fpr95, fpr95_openood, image_auroc
+from .image import FPR95_RULES, accuracy, aupr_in, aupr_out, detection_error, fpr95, fpr95_openood, image_auroc
 from .pixel import PIXEL_VARIANTS, pixel_auroc, pro, pro_curve
 
 __all__ = [
     "MetricError",
     "METRIC_COLUMNS",
     "PIXEL_VARIANTS",
+    "FPR95_RULES",
     "evaluate",
     "image_auroc",
     "aupr_in",

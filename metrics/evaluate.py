@@ -26,7 +26,6 @@ METRIC_COLUMNS = (
 #: Names of the fixed definitions, recorded in every row beside the variants
 #: chosen per call, so that a row says which definition produced each number.
 _FIXED_VARIANTS = {
-    "fpr95": "id_tpr95",              # ID positive, smallest threshold keeping >= 95% of ID
     "fpr95_openood": "openood_v1.5",  # OOD positive, ID FPR at first ROC point with OOD TPR >= 95%
     "aupr": "average_precision",      # sklearn average_precision_score (step-wise), not trapezoid
     "detection_error": "min_over_thresholds",
@@ -44,6 +43,7 @@ def evaluate(
     targets=None,
     pro_variant: str = "all",
     pixel_auroc_variant: str = "all",
+    fpr95_rule: str = "at_least",
 ) -> dict:
     """Compute the metric columns of a row.
 
@@ -60,6 +60,9 @@ def evaluate(
             ``"anomalous_only"`` (images with a defect only).
         pixel_auroc_variant: the same choice for pixel AUROC (``"anomalous_only"``
             is PatchCore's released ``anomaly_pixel_auroc``).
+        fpr95_rule: ``"at_least"`` (smallest threshold keeping >= 95% of ID,
+            recorded as ``"id_tpr95"``) or ``"closest"`` (Hendrycks' released
+            code, recorded as ``"id_tpr95_closest"``); see :func:`metrics.fpr95`.
 
     Returns:
         A dict with exactly the keys of ``METRIC_COLUMNS`` (float or None) and
@@ -83,13 +86,15 @@ def evaluate(
     for variant_name, variant in (("pro_variant", pro_variant), ("pixel_auroc_variant", pixel_auroc_variant)):
         if variant not in _pixel.PIXEL_VARIANTS:
             raise MetricError(f"unknown {variant_name} {variant!r}; expected one of {_pixel.PIXEL_VARIANTS}")
+    if fpr95_rule not in _image.FPR95_RULES:
+        raise MetricError(f"unknown fpr95_rule {fpr95_rule!r}; expected one of {_image.FPR95_RULES}")
     y, s = labels_and_scores(y, s)  # single-label check
 
     row: dict = dict.fromkeys(METRIC_COLUMNS)
     row["image_auroc"] = _image.image_auroc(y, s)
     row["aupr_in"] = _image.aupr_in(y, s)
     row["aupr_out"] = _image.aupr_out(y, s)
-    row["fpr95"] = _image.fpr95(y, s)
+    row["fpr95"] = _image.fpr95(y, s, rule=fpr95_rule)
     row["fpr95_openood"] = _image.fpr95_openood(y, s)
     row["detection_error"] = _image.detection_error(y, s)
 
@@ -117,6 +122,7 @@ def evaluate(
     row["metric_variants"] = {
         "pixel_auroc": pixel_auroc_variant,
         "pro": pro_variant,
+        "fpr95": "id_tpr95" if fpr95_rule == "at_least" else "id_tpr95_closest",
         **_FIXED_VARIANTS,
     }
     return row

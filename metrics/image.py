@@ -21,6 +21,7 @@ __all__ = [
     "aupr_in",
     "aupr_out",
     "fpr95",
+    "FPR95_RULES",
     "fpr95_openood",
     "detection_error",
     "accuracy",
@@ -69,31 +70,52 @@ def _recall_count(n: int, recall: float) -> int:
     return max(1, min(n, math.ceil(recall * n - 1e-9)))
 
 
-def fpr95(labels, scores, recall: float = 0.95) -> float:
+#: Rules for choosing the FPR95 operating point (see :func:`fpr95`).
+FPR95_RULES = ("at_least", "closest")
+
+
+def fpr95(labels, scores, recall: float = 0.95, rule: str = "at_least") -> float:
     """FPR at 95% TPR, the classic definition (ID positive; Hendrycks & Gimpel 2017).
 
     A sample is *kept* as in-distribution when its score is at most a threshold
-    ``t``. The threshold is the **smallest** ``t`` that keeps **at least** 95% of the
-    ID samples (TPR on ID >= ``recall``); the metric is the fraction of OOD samples
-    kept at that threshold (OOD samples classified as ID):
+    ``t``; thresholds run over the distinct scores (no interpolation between
+    operating points). The metric is the fraction of OOD samples kept (OOD
+    classified as ID) at the chosen threshold.
+
+    ``rule="at_least"`` (default): the **smallest** ``t`` that keeps **at least**
+    95% of the ID samples (TPR on ID >= ``recall``)::
 
         k   = ceil(recall * n_ID)
         t   = k-th smallest ID score
         FPR = #{OOD : score <= t} / n_OOD
 
-    Ties: an OOD sample whose score equals ``t`` is kept, i.e. counted as a false
-    positive (a threshold cannot separate equal scores). No interpolation between
-    operating points is done. Hendrycks' released code instead takes the
-    operating point whose recall is *closest* to 0.95 (``np.argmin(|recall-0.95|)``),
-    which can pick a point just below 95% recall; the rule here never does.
+    ``rule="closest"``: the operating point whose ID recall is *closest* to
+    ``recall``, as in Hendrycks' released code (``fpr_and_fdr_at_recall``:
+    ``np.argmin(np.abs(recall - recall_level))``, used by Outlier Exposure,
+    Energy-based OOD and their successors). It may pick a point below 95% recall
+    (e.g. 9/10 rather than 10/10, since |0.9 - 0.95| < |1.0 - 0.95| in floating
+    point); among equally close points it takes the one keeping more samples,
+    as that code does.
+
+    Ties: an OOD sample whose score equals ``t`` is kept, i.e. counted as a
+    false positive (a threshold cannot separate equal scores).
     """
     y, s = labels_and_scores(labels, scores)
     if not 0.0 < recall <= 1.0:
         raise MetricError(f"recall must lie in (0, 1], got {recall}")
+    if rule not in FPR95_RULES:
+        raise MetricError(f"unknown rule {rule!r}; expected one of {FPR95_RULES}")
     id_sorted = np.sort(s[y == 0])
-    ood = s[y == 1]
-    t = id_sorted[_recall_count(id_sorted.size, recall) - 1]
-    return float(np.count_nonzero(ood <= t) / ood.size)
+    ood_sorted = np.sort(s[y == 1])
+    if rule == "at_least":
+        t = id_sorted[_recall_count(id_sorted.size, recall) - 1]
+        return float(np.searchsorted(ood_sorted, t, side="right") / ood_sorted.size)
+    thresholds = np.unique(s)
+    thresholds = thresholds[: np.searchsorted(thresholds, id_sorted[-1], side="right")]  # up to full recall
+    id_kept = np.searchsorted(id_sorted, thresholds, side="right")
+    distance = np.abs(id_kept / id_sorted.size - recall)
+    best = distance.size - 1 - int(np.argmin(distance[::-1]))  # the last of equal minima
+    return float(np.searchsorted(ood_sorted, thresholds[best], side="right") / ood_sorted.size)
 
 
 def fpr95_openood(labels, scores, recall: float = 0.95) -> float:
