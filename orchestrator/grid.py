@@ -136,10 +136,10 @@ def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expans
                                     dataset_params=d.params, protocol=d.protocol,
                                     normal_class=normal_class, seed=seed, ood=tuple(d.ood),
                                     ood_params=d.ood_params, resources=m.resources.model_dump())
+                        if not _selected(cell, only) or cell.cell_id in seen:
+                            continue
                         if any(_matches(rule, cell) for rule in grid.exclude):
                             dropped.append((cell.describe(), "excluded by the grid"))
-                            continue
-                        if not _selected(cell, only) or cell.cell_id in seen:
                             continue
                         seen.add(cell.cell_id)
                         cells.append(cell)

@@ -124,8 +124,12 @@ def test_dry_run_prints_cells_count_and_drops(tmp_path, capsys):
     path = write_grid(tmp_path / "g.yaml", textwrap.dedent(GOOD))
     assert bench.main([str(path), "--dry-run", "--only", "seed=0"]) == 0
     out = capsys.readouterr().out
-    assert "9 cells" in out and "dropped:" in out
-    assert out.count("noop {") == 9
+    assert "9 cells (0 dropped)" in out and "dropped:" not in out
+    assert sum(1 for line in out.splitlines() if "noop {" in line) == 9
+    assert bench.main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "15 cells (3 dropped)" in out
+    assert out.count("dropped: ") == 3 and "excluded by the grid" in out
     assert not ray.is_initialized()
 
 
