@@ -147,6 +147,10 @@ class Method:
     Params: ClassVar[type[MethodParams]] = MethodParams
     protocols: ClassVar[set[str]] = {"one_class"}
     paper: ClassVar[str] = ""
+    # The input transform (data.transforms.Transform) a method applies, set in __init__ by methods
+    # with pixel maps: the orchestrator maps ground-truth masks through the same resize and
+    # centre crop, so masks and maps are aligned.
+    transform = None
 
     def __init__(self, params: MethodParams, ctx: RunContext):
         self.params = params

@@ -70,8 +70,9 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def sample_maps_blob(test, scores, masks_small) -> bytes | None:
-    """A few test images (normal and anomalous) with their maps and masks, down-sampled, as npz."""
+def sample_maps_blob(test, scores, masks_small, transform=None) -> bytes | None:
+    """A few test images (normal and anomalous) with their maps and masks, down-sampled, as npz.
+    Images go through the method's resize and centre crop first, so they align with the maps."""
     if scores.pixel is None:
         return None
     import torch
@@ -84,7 +85,10 @@ def sample_maps_blob(test, scores, masks_small) -> bytes | None:
     if not picks:
         return None
     images = test.images[picks] if isinstance(test.images, np.ndarray) else [test.images[i] for i in picks]
-    small = to_tensor(images, Transform(resize=SAMPLE_SIDE, channels=3, mean=None, std=None))
+    view = to_tensor(images, Transform(resize=getattr(transform, "resize", SAMPLE_SIDE),
+                                       crop=getattr(transform, "crop", None), channels=3, mean=None, std=None))
+    small = F.interpolate(view, size=(SAMPLE_SIDE, SAMPLE_SIDE), mode="bilinear", align_corners=False,
+                          antialias=True).clamp(0, 1)
     maps = torch.as_tensor(np.asarray(scores.pixel)[picks], dtype=torch.float32)[:, None]
     maps = F.interpolate(maps, size=(SAMPLE_SIDE, SAMPLE_SIDE), mode="bilinear", align_corners=False)[:, 0]
     out = {"images": (small.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8),
@@ -147,7 +151,9 @@ def run_cell(cell: Cell, *, run_id: str = "", attempt: int = 1, device: str = "c
             score_s = time.perf_counter() - t_score
             masks_small = None
             if scores.pixel is not None and test.masks is not None:
-                masks_small = resize_masks(test.masks, tuple(np.asarray(scores.pixel).shape[1:]))
+                t = method.transform
+                masks_small = resize_masks(test.masks, tuple(np.asarray(scores.pixel).shape[1:]),
+                                           crop=getattr(t, "crop", None), resize=getattr(t, "resize", None))
             metric_values = evaluate(np.asarray(test.labels), np.asarray(scores.image, dtype=np.float64),
                                      masks=masks_small, pixel=scores.pixel, pred=scores.pred,
                                      targets=np.asarray(test.targets))
@@ -160,7 +166,7 @@ def run_cell(cell: Cell, *, run_id: str = "", attempt: int = 1, device: str = "c
                 ood_set=subkey if cell.protocol == "ood" else None,
                 labels=np.asarray(test.labels).astype(np.int8).tolist(),
                 image_scores=np.asarray(scores.image, dtype=np.float64).tolist(),
-                sample_maps=sample_maps_blob(test, scores, masks_small),
+                sample_maps=sample_maps_blob(test, scores, masks_small, method.transform),
                 fit_s=fit_s, score_s=score_s, n_train=len(train), n_test=len(test))
             rows.append(row)
         resolved = method.resolved_params()
