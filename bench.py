@@ -180,9 +180,10 @@ def cmd_report(argv: list[str]) -> int:
     if module is None:
         print("error: the report stage (reports/leaderboard.py) is not available", file=sys.stderr)
         return 1
-    if not (Path(args.run_dir) / "rows").is_dir():
-        print(f"error: {args.run_dir} has no rows/ folder (expected RESULTS/RUN)", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    for folder in filter(None, [args.run_dir, args.compare]):
+        if not (Path(folder) / "rows").is_dir():
+            print(f"error: {folder} has no rows/ folder (expected RESULTS/RUN)", file=sys.stderr)
+            return EXIT_BAD_INPUT
     out = module.build_report(Path(args.run_dir), compare=args.compare, tolerance=args.tolerance)
     print(f"report: {out}")
     return 0

@@ -1,0 +1,466 @@
+"""The report stage (reports/): hand-made results folders written with RowStore.write (failed and
+timed-out cells, several seeds, a method with no paper number, sample_maps blobs), checked number
+by number, plus the bootstrap against sklearn, the paper-number matching rule and --compare."""
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from orchestrator.grid import short_hash
+from orchestrator.store import RowStore
+
+# ---------------------------------------------------------------- hand-made runs
+
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
+PATCHCORE_PARAMS = {"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"], "coreset_ratio": 0.1,
+                    "crop": 224, "image_size": 256, "pretrained": True}
+
+
+def scores_with_auroc(rng, n_pos: int, n_neg: int, shift: float) -> tuple[list[int], list[float]]:
+    """Labels (positives first) and scores: normal noise plus ``shift`` for the positives."""
+    labels = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
+    scores = rng.normal(size=n_pos + n_neg) + shift * labels
+    return labels.tolist(), scores.tolist()
+
+
+def sample_blob(rng, with_masks: bool = True) -> bytes:
+    k = 4
+    yy, xx = np.mgrid[0:64, 0:64] / 63.0
+    images = np.stack([np.stack([yy, xx, 0.5 * (yy + xx)], axis=-1)] * k) * 200 + rng.integers(0, 40, (k, 64, 64, 3))
+    blob = np.exp(-(((yy - 0.47) ** 2 + (xx - 0.47) ** 2) / 0.02))
+    maps = np.stack([blob * (1.0 if i < 2 else 0.1) for i in range(k)]) + 0.05 * rng.random((k, 64, 64))
+    out = {"images": images.astype(np.uint8), "maps": maps.astype(np.float16),
+           "labels": np.array([1, 1, 0, 0], np.int8)}
+    if with_masks:
+        masks = np.zeros((k, 64, 64), bool)
+        masks[:2, 20:40, 20:40] = True
+        out["masks"] = masks
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **out)
+    return buf.getvalue()
+
+
+def make_row(method: str, dataset: str, protocol: str, normal_class: str, seed: int, *, run_id: str = "run",
+             params: dict | None = None, status: str = "ok", shift: float = 2.0, n: tuple[int, int] = (30, 30),
+             category: str | None = None, ood_set: str | None = None, maps: bool = False,
+             pixel_auroc: float | None = None, scores: tuple | None = None, fit_s: float = 1.0,
+             rng=None, minute: int = 0) -> dict:
+    """One row in the store's schema; metrics computed from the generated scores."""
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    params = params or {}
+    identity = {"method": method, "params": params, "dataset": dataset, "protocol": protocol,
+                "normal_class": normal_class, "seed": seed}
+    base_id = short_hash(identity)
+    sub = category or ood_set
+    row = {"run_id": run_id, "cell_id": base_id if sub is None else short_hash([identity, sub]),
+           "base_cell_id": base_id, "method": method, "params": json.dumps(params, sort_keys=True),
+           "dataset": dataset, "dataset_params": "{}", "protocol": protocol, "normal_class": normal_class,
+           "category": category, "ood_set": ood_set, "seed": seed, "status": status, "attempt": 1,
+           "resolved_params": json.dumps(params, sort_keys=True), "hostname": "testhost", "device": "cpu",
+           "git_sha": "abc123", "started_at": T0 + timedelta(minutes=minute),
+           "finished_at": T0 + timedelta(minutes=minute, seconds=30), "fit_s": fit_s, "score_s": 0.5,
+           "total_s": fit_s + 0.6, "peak_rss_bytes": 2 << 30, "peak_gpu_bytes": 0, "feature_cache_hit": seed > 0,
+           "loss_curve": [], "labels": [], "image_scores": []}
+    if status != "ok":
+        row.update(error=f"RuntimeError: {method} broke on {normal_class}", traceback="Traceback ...")
+        return row
+    labels, values = scores if scores is not None else scores_with_auroc(rng, n[0], n[1], shift)
+    row.update(labels=labels, image_scores=values, image_auroc=float(roc_auc_score(labels, values)),
+               n_test=len(labels), n_train=100)
+    if pixel_auroc is not None:
+        row["pixel_auroc"] = pixel_auroc
+    if maps:
+        row["sample_maps"] = sample_blob(rng)
+    return row
+
+
+def write_rows(run_dir: Path, rows: list[dict]) -> Path:
+    store = RowStore(run_dir)
+    by_cell: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cell.setdefault(r["base_cell_id"], []).append(r)
+    for cell_id, cell_rows in by_cell.items():
+        assert store.write(cell_id, cell_rows)
+    return run_dir
+
+
+def main_run_rows() -> list[dict]:
+    """MVTec bottle + cable (patchcore with maps and pixel AUROC, noop without a reference),
+    3 seeds, a failed and a timed-out cell; CIFAR-10 'cat' (dsvdd, above its paper number)."""
+    rows = []
+    for seed in (0, 1, 2):
+        rows.append(make_row("patchcore", "mvtec", "one_class", "bottle", seed, params=PATCHCORE_PARAMS,
+                             shift=12.0, maps=True, pixel_auroc=0.98 + 0.001 * seed, minute=seed))
+        if seed < 2:
+            rows.append(make_row("patchcore", "mvtec", "one_class", "cable", seed, params=PATCHCORE_PARAMS,
+                                 shift=1.2, maps=True, pixel_auroc=0.90, minute=seed))
+        else:
+            rows.append(make_row("patchcore", "mvtec", "one_class", "cable", seed, params=PATCHCORE_PARAMS,
+                                 status="failed", minute=seed))
+        for cls in ("bottle", "cable"):
+            status = "timeout" if (cls, seed) == ("bottle", 1) else "ok"
+            rows.append(make_row("noop", "mvtec", "one_class", cls, seed, status=status, shift=0.0,
+                                 fit_s=0.01, minute=seed))
+        rows.append(make_row("dsvdd", "cifar10", "one_class", "cat", seed, params={"objective": "one-class"},
+                             shift=1.3, n=(60, 60), minute=10 + seed))
+    return rows
+
+
+def built(tmp_path_factory, name: str, rows: list[dict], **kwargs) -> Path:
+    from reports.leaderboard import build_report
+
+    run = write_rows(tmp_path_factory.mktemp(name) / name, rows)
+    return build_report(run, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    return built(tmp_path_factory, "alpha", main_run_rows())
+
+
+def board(report: Path, board: str, metric: str) -> pd.DataFrame:
+    table = pd.read_parquet(report / "leaderboard.parquet")
+    return table[(table["board"] == board) & (table["metric"] == metric)]
+
+
+def cell(table: pd.DataFrame, variant: str, column: str) -> pd.Series:
+    hit = table[(table["variant"] == variant) & (table["column"] == column)]
+    assert len(hit) == 1, (variant, column, hit)
+    return hit.iloc[0]
+
+
+def measured(rows: list[dict], method: str, cls: str, metric: str = "image_auroc") -> np.ndarray:
+    return np.array([r[metric] for r in rows if r["method"] == method and r["normal_class"] == cls
+                     and r["status"] == "ok"])
+
+
+# ---------------------------------------------------------------- bootstrap
+
+def independent_metrics(labels, scores) -> dict:
+    from metrics import image
+
+    return {m: getattr(image, m)(labels, scores) for m in ("image_auroc", "aupr_in", "aupr_out", "fpr95",
+                                                           "detection_error")}
+
+
+@pytest.mark.parametrize("n, ties", [(9, False), (40, True), (301, False), (120, True)])
+def test_curve_metrics_equal_sklearn_and_explicit_resamples(n, ties):
+    from reports import bootstrap as b
+
+    rng = np.random.default_rng(n)
+    labels = (rng.random(n) < 0.35).astype(int)
+    labels[:2] = [1, 0]
+    scores = rng.normal(size=n) + labels
+    if ties:
+        scores = np.round(scores, 1)
+    point = b.point_metrics(labels, scores)
+    assert point == pytest.approx(independent_metrics(labels, scores), abs=1e-12)
+    # a resample as counts gives what the metric gives on the explicitly repeated samples
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    pos_w = b.class_counts(pos.size, 3, rng, np.float64)
+    neg_w = b.class_counts(neg.size, 3, rng, np.float64)
+    curves = b.curves(b.ranking(labels, scores), pos_w, neg_w)
+    for i in range(3):
+        idx = np.r_[np.repeat(pos, pos_w[i].astype(int)), np.repeat(neg, neg_w[i].astype(int))]
+        want = independent_metrics(labels[idx], scores[idx])
+        got = {m: float(f(curves)[i]) for m, f in b.METRIC_FUNCTIONS.items()}
+        assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_bootstrap_is_seeded_stratified_and_covers_the_estimate():
+    from reports import bootstrap as b
+
+    rng = np.random.default_rng(0)
+    labels, scores = scores_with_auroc(rng, 50, 50, 1.0)
+    one = b.resample_metrics(labels, [scores], ("image_auroc",), 500, seed=7)["image_auroc"][:, 0]
+    two = b.resample_metrics(labels, [scores], ("image_auroc",), 500, seed=7)["image_auroc"][:, 0]
+    assert np.array_equal(one, two) and one.size == 500
+    low, high = b.percentile_interval(one)
+    assert low < roc_auc_score(labels, scores) < high and 0.05 < high - low < 0.3
+    counts = b.class_counts(50, 4, rng)
+    assert (counts.sum(axis=1) == 50).all()  # each class keeps its size in every resample
+    assert b.resamples_for(100) == 1000 and b.resamples_for(50_000) == 200
+    assert b.row_seed("abc") == b.row_seed("abc") != b.row_seed("abd")
+
+
+# ---------------------------------------------------------------- matching paper numbers
+
+def test_class_keys_map_names_to_the_indices_the_reference_file_uses():
+    from reports.expected import class_key, expected_class_key
+
+    assert class_key("cifar10", "cat") == "3" == expected_class_key("cifar10", "3")
+    assert class_key("cifar10", "deer+airplane+automobile+bird+cat") == expected_class_key("cifar10", "0-1-2-3-4")
+    assert class_key("cifar10", "0+1+2+3+4") == "0+1+2+3+4"
+    assert class_key("fashion_mnist", "T-shirt/top") == "0" and class_key("fashion_mnist", "Ankle boot") == "9"
+    assert class_key("mvtec", "metal_nut") == "metal_nut" and class_key("mvtec", "Mean") == "mean"
+
+
+def assigned(path: Path, name: str, inside: str | None = None):
+    """The value assigned to ``name`` (in class ``inside``) in a source file, without importing it
+    (importing the dataset modules would import torch: seconds)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    scope = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == inside) if inside else tree
+    node = next(n for n in ast.walk(scope) if isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == name for t in n.targets))
+    try:
+        return ast.literal_eval(node.value)
+    except ValueError:
+        return ast.unparse(node.value)
+
+
+def test_class_tables_agree_with_the_datasets():
+    import importlib.util
+
+    from reports.expected import INDEXED_CLASSES, MVTEC_CATEGORIES
+
+    datasets = Path(__file__).parents[1] / "data" / "datasets"
+    assert INDEXED_CLASSES["cifar10"] == assigned(datasets / "cifar10.py", "CIFAR10_CLASSES")
+    assert MVTEC_CATEGORIES == assigned(datasets / "mvtec.py", "OFFICIAL_CATEGORIES")
+    assert assigned(datasets / "mnist.py", "DIGITS") == "tuple((str(d) for d in range(10)))"
+    assert INDEXED_CLASSES["mnist"] == tuple(str(d) for d in range(10))
+    assert assigned(datasets / "fashion_mnist.py", "FASHION_CLASSES") == "tuple(TorchFashionMNIST.classes)"
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        pytest.skip("torchvision is not installed")
+    torch_mnist = Path(spec.submodule_search_locations[0]) / "datasets" / "mnist.py"
+    assert INDEXED_CLASSES["fashion_mnist"] == tuple(assigned(torch_mnist, "classes", "FashionMNIST"))
+
+
+def test_expected_csv_is_data_with_a_source_for_every_number():
+    from reports.expected import EXPECTED_COLUMNS, load_expected
+
+    table = load_expected()
+    assert list(pd.read_csv(Path(__file__).parents[1] / "reports" / "expected.csv").columns) == EXPECTED_COLUMNS
+    assert table["source"].str.strip().str.len().gt(10).all()
+    assert table["value"].between(0, 1).all() and len(table) > 300
+
+
+def pick(method, dataset, protocol, key, metric, params=None, ood_sets=None):
+    from reports.expected import by_key, candidates, choose, load_expected, setting_tokens
+
+    index = by_key(load_expected())
+    ref = choose(candidates(index, method, dataset, protocol, key, metric), setting_tokens(params or {}),
+                 dataset, ood_sets)
+    return None if ref is None else (round(float(ref["value"]), 4), ref["setting"])
+
+
+def test_the_setting_that_matches_the_run_wins():
+    value, setting = pick("patchcore", "mvtec", "one_class", "mean", "image_auroc", PATCHCORE_PARAMS)
+    assert value == 0.9916 and "coreset 10%" in setting          # the repo's own results.csv
+    value, setting = pick("patchcore", "mvtec", "one_class", "mean", "image_auroc",
+                          {**PATCHCORE_PARAMS, "coreset_ratio": 0.01})
+    assert (value, setting) == (0.99, "PatchCore-1% WRN50 224px paper")
+    params = {"backbone": "wide_resnet50_2", "k": 100, "layers": ["layer1", "layer2", "layer3"]}
+    assert pick("orthoad", "mvtec", "one_class", "mean", "pixel_auroc", params)[1] == "WRN50-2 k=100 (paper table)"
+    assert pick("orthoad", "mvtec", "one_class", "mean", "pixel_auroc",
+                {**params, "backbone": "resnet18"})[1] == "ResNet-18 k=100 (paper table)"
+    # the paper's number beats a reproduction when nothing else tells them apart
+    assert pick("kdad", "cifar10", "one_class", "3", "image_auroc")[0] == 0.7702
+
+
+def test_ood_references_follow_openood_groups():
+    assert pick("msp", "cifar10", "ood", "mean", "image_auroc", ood_sets={"svhn", "dtd"})[0] == 0.9073
+    assert pick("msp", "cifar10", "ood", "mean", "image_auroc", ood_sets={"cifar100"})[0] == 0.8803
+    assert pick("msp", "cifar10", "ood", "mean", "image_auroc", ood_sets={"cifar100", "svhn"}) is None
+    assert pick("msp", "cifar10", "ood", "mean", "accuracy", ood_sets={"cifar100", "svhn"})[0] == 0.9506
+
+
+def test_status_within_tolerance_below_above():
+    from reports.expected import status_of
+
+    assert status_of(0.985, 0.99, 1.0) == "reproduced" and status_of(0.98, 0.99, 1.0) == "reproduced"
+    assert status_of(0.97, 0.99, 1.0) == "below" and status_of(0.97, 0.99, 2.5) == "reproduced"
+    assert status_of(0.999, 0.98, 1.0) == "above" and status_of(0.9, float("nan"), 1.0) == "no reference"
+
+
+def test_columns_for_unified_and_ood_rows():
+    from reports.rows import annotate
+
+    rows = pd.DataFrame([
+        make_row("uniad", "mvtec", "unified", "all", 0, category="bottle"),
+        make_row("uniad", "mvtec", "unified", "all", 0, category="cable"),
+        make_row("msp", "cifar10", "ood", "all", 0, ood_set="svhn"),
+        make_row("padim", "mvtec", "one_class", "bottle", 0, params={"backbone": "resnet18"}),
+        make_row("padim", "mvtec", "one_class", "bottle", 0, params={"backbone": "wide_resnet50_2"}),
+    ])
+    out = annotate(rows)
+    assert out["column"].tolist() == ["bottle", "cable", "svhn", "bottle", "bottle"]
+    assert out["variant"].tolist()[3:] == ["padim (backbone=resnet18)", "padim (backbone=wide_resnet50_2)"]
+    assert out["variant"].tolist()[:3] == ["uniad", "uniad", "msp"]
+
+
+# ---------------------------------------------------------------- the report of a hand-made run
+
+def test_leaderboard_numbers_seeds_and_statuses(report):
+    rows = main_run_rows()
+    table = board(report, "mvtec", "image_auroc")
+    bottle, cable = cell(table, "patchcore", "bottle"), cell(table, "patchcore", "cable")
+    values = measured(rows, "patchcore", "bottle")
+    assert bottle["seeds"] == 3 and bottle["mean"] == pytest.approx(values.mean())
+    assert bottle["std"] == pytest.approx(values.std(ddof=1))
+    assert (bottle["expected"], bottle["status"]) == (1.0, "reproduced")
+    assert "patchcore-inspection" in bottle["source"] and "coreset 10%" in bottle["setting"]
+    values = measured(rows, "patchcore", "cable")
+    assert cable["seeds"] == 2 and cable["mean"] == pytest.approx(values.mean())   # the failed seed is out
+    assert cable["expected"] == pytest.approx(0.9968) and cable["status"] == "below"
+    assert cable["diff"] == pytest.approx(values.mean() - 0.9968)
+    mean = cell(table, "patchcore", "mean")
+    assert mean["mean"] == pytest.approx((bottle["mean"] + cable["mean"]) / 2)
+    per_seed = [(measured(rows, "patchcore", "bottle")[s] + measured(rows, "patchcore", "cable")[s]) / 2
+                for s in (0, 1)]                                           # seeds measured on every class
+    assert mean["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert mean["status"] == "no reference" and "averages 15 classes" in mean["note"]
+    assert mean["ci_low"] < mean["mean"] < mean["ci_high"]
+    assert (mean["rank"], mean["leader"], mean["failed"]) == (1, True, 1)
+    noop = cell(table, "noop", "mean")
+    assert noop["status"] == "no reference" and pd.isna(noop["expected"])
+    assert (noop["rank"], noop["tied"], noop["failed"]) == (2, False, 1)
+    assert cell(table, "noop", "bottle")["seeds"] == 2                     # the timed-out seed is out
+    cat = cell(board(report, "cifar10", "image_auroc"), "dsvdd", "cat")   # 'cat' is class 3 in the file
+    assert (cat["expected"], cat["status"]) == (0.591, "above")
+
+
+def test_pixel_metrics_have_no_interval(report):
+    pixel = board(report, "mvtec", "pixel_auroc")
+    mean = cell(pixel, "patchcore", "mean")
+    assert pd.isna(mean["ci_low"]) and mean["mean"] == pytest.approx((0.981 + 0.90) / 2)
+    assert cell(pixel, "patchcore", "bottle")["status"] == "reproduced"   # 98.1 vs 98.48
+    assert set(pixel["variant"]) == {"patchcore"}                         # noop has no pixel metric
+    assert "no bootstrap interval" in (report / "report.md").read_text()
+
+
+def test_reproduction_failures_and_cost_tables(report):
+    repro = pd.read_parquet(report / "reproduction.parquet")
+    row = repro[(repro["variant"] == "patchcore") & (repro["metric"] == "image_auroc")].iloc[0]
+    assert (row["classes_with_reference"], row["reproduced"], row["below"], row["above"]) == (2, 1, 1, 0)
+    assert "noop" not in set(repro["variant"]) and "dsvdd" in set(repro["variant"])
+    fails = pd.read_parquet(report / "failures.parquet")
+    assert sorted(zip(fails["variant"], fails["status"])) == [("noop", "timeout"), ("patchcore", "failed")]
+    assert fails["error"].str.contains("RuntimeError").all()
+    cost = pd.read_parquet(report / "cost.parquet").set_index(["variant", "board"])
+    patchcore = cost.loc[("patchcore", "mvtec")]
+    assert (patchcore["cells"], patchcore["ok_cells"]) == (6, 5) and patchcore["fit_s"] == pytest.approx(1.0)
+    assert patchcore["peak_rss_gib"] == pytest.approx(2.0) and patchcore["accuracy_metric"] == "image_auroc"
+    assert cost.loc[("noop", "mvtec"), "pareto"] and cost.loc[("patchcore", "mvtec"), "pareto"]
+    md = (report / "report.md").read_text()
+    assert "RuntimeError: patchcore broke on cable" in md and "timeout" in md
+    assert "wall time 12.5 min" in md
+
+
+def test_every_plot_is_a_valid_png_and_linked(report):
+    from PIL import Image
+
+    names = {p.name for p in (report / "plots").glob("*.png")}
+    assert {"bars_mvtec_one_class_image_auroc.png", "bars_mvtec_one_class_pixel_auroc.png",
+            "cost_mvtec_one_class.png", "expected_vs_measured.png", "gallery_mvtec_one_class.png"} <= names
+    md, page = (report / "report.md").read_text(), (report / "report.html").read_text()
+    for name in names:
+        with Image.open(report / "plots" / name) as im:
+            im.verify()
+        assert f"(plots/{name})" in md
+    assert page.count('src="data:image/png;base64,') == len(names) and 'src="plots/' not in page
+
+
+def test_ties_with_the_leader(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    labels, scores = scores_with_auroc(rng, 60, 60, 1.5)
+    close = (np.asarray(scores) + rng.normal(scale=0.3, size=len(scores))).tolist()
+    rows = [make_row(m, "mvtec", "one_class", "bottle", 0, scores=(labels, s))
+            for m, s in (("a", scores), ("b", close), ("c", (-np.asarray(scores)).tolist()))]
+    table = board(built(tmp_path_factory, "ties", rows), "mvtec", "image_auroc")
+    means = table[table["is_mean"]].set_index("variant")
+    leader = means.index[means["leader"]].tolist()
+    assert len(leader) == 1 and leader[0] in ("a", "b") and means.loc["c", "rank"] == 3
+    assert means.loc[{"a": "b", "b": "a"}[leader[0]], "tied"] and not means.loc["c", "tied"]
+
+
+def test_a_paper_mean_is_compared_when_every_class_is_measured():
+    from reports.expected import MVTEC_CATEGORIES, load_expected
+    from reports.rows import annotate
+    from reports.tables import leaderboards
+
+    rows = annotate(pd.DataFrame([make_row("patchcore", "mvtec", "one_class", c, 0, params=PATCHCORE_PARAMS,
+                                           shift=20.0, n=(10, 10)) for c in MVTEC_CATEGORIES]))
+    expected = load_expected()
+    strict = leaderboards(rows, expected, 0.5, {})
+    mean = cell(strict[strict["metric"] == "image_auroc"], "patchcore", "mean")
+    assert mean["mean"] == 1.0 and mean["expected"] == pytest.approx(0.9916)
+    assert mean["status"] == "above" and mean["classes_measured"] == mean["classes_total"] == 15
+    loose = leaderboards(rows, expected, 1.0, {})
+    assert cell(loose[loose["metric"] == "image_auroc"], "patchcore", "mean")["status"] == "reproduced"
+
+
+def test_cli_report_passes_tolerance(tmp_path_factory):
+    import bench
+
+    run = write_rows(tmp_path_factory.mktemp("cli") / "cli", main_run_rows())
+    assert bench.main(["report", str(run), "--tolerance", "30"]) == 0
+    assert cell(board(run / "report", "cifar10", "image_auroc"), "dsvdd", "cat")["status"] == "reproduced"
+    assert bench.main(["report", str(run / "nowhere")]) == 2
+
+
+# ---------------------------------------------------------------- --compare
+
+def compare_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """Two runs of the same cells: 'shifted' scores worse in the new run, 'steady' is unchanged,
+    and one cell failed in the new run."""
+    base, new = [], []
+    for seed in (0, 1):
+        for cls in ("bottle", "cable"):
+            labels, scores = scores_with_auroc(np.random.default_rng(seed), 100, 100, 2.5)
+            worse = (np.asarray(scores) - 1.5 * np.asarray(labels)).tolist()
+            for run, values in ((base, scores), (new, worse)):
+                run.append(make_row("shifted", "mvtec", "one_class", cls, seed, scores=(labels, values)))
+            for run in (base, new):
+                run.append(make_row("steady", "mvtec", "one_class", cls, seed, scores=(labels, scores),
+                                    pixel_auroc=0.9))
+    base.append(make_row("steady", "mvtec", "one_class", "grid", 0))
+    new.append(make_row("steady", "mvtec", "one_class", "grid", 0, status="failed"))
+    root = tmp_path_factory.mktemp("cmp")
+    return write_rows(root / "base", base), write_rows(root / "new", new)
+
+
+def test_compare_flags_the_shifted_method_only(tmp_path_factory):
+    from reports.leaderboard import build_report
+
+    base, new = compare_pair(tmp_path_factory)
+    report = build_report(new, compare=base)
+    changes = pd.read_parquet(report / "compare.parquet")
+    auroc = changes[changes["metric"] == "image_auroc"]
+    shifted, steady = auroc[auroc["variant"] == "shifted"], auroc[auroc["variant"] == "steady"]
+    assert len(shifted) == len(steady) == 4 and shifted["paired"].all()
+    assert shifted["flagged"].all() and (shifted["change"] < -0.05).all()
+    assert (shifted["ci_high"] < 0).all() and (shifted["ci_low"] <= shifted["change"]).all()
+    assert not steady["flagged"].any() and (steady["change"] == 0).all()
+    pixel = changes[changes["metric"] == "pixel_auroc"]
+    assert len(pixel) == 4 and pixel["ci_low"].isna().all() and not pixel["flagged"].any()
+    status = pd.read_parquet(report / "compare_status.parquet")
+    assert status[["column", "this_status", "other_status"]].values.tolist() == [["grid", "failed", "ok"]]
+    md = (report / "report.md").read_text()
+    assert "## Comparison with base" in md and "Cells whose status differs" in md
+
+
+def test_report_of_an_empty_run(tmp_path):
+    from reports.leaderboard import build_report
+
+    RowStore(tmp_path / "empty")
+    report = build_report(tmp_path / "empty")
+    assert "No finished ok cell" in (report / "report.md").read_text()
+    assert (report / "report.html").exists()
+
+
+def test_compare_with_a_folder_without_rows_fails_clearly(tmp_path):
+    from reports.leaderboard import build_report
+
+    run = write_rows(tmp_path / "one", main_run_rows()[:2])
+    with pytest.raises(FileNotFoundError, match="no rows/ folder"):
+        build_report(run, compare=tmp_path / "missing")
