@@ -1,0 +1,725 @@
+"""Networks and input preprocessing shared by the deep one-class methods (dsvdd, dcae, fcdd,
+fcdd_hsc, fcdd_ae). Not a method module (leading underscore: not auto-registered).
+
+Sources (architectures and constants transcribed from the official code, layer by layer):
+
+* Deep SVDD / DCAE — Ruff et al., "Deep One-Class Classification", ICML 2018;
+  github.com/lukasruff/Deep-SVDD-PyTorch ``src/networks/mnist_LeNet.py``,
+  ``src/networks/cifar10_LeNet.py``, ``src/datasets/{mnist,cifar10,preprocessing}.py``.
+* FCDD and its HSC / AE baselines — Liznerski et al., "Explainable Deep One-Class
+  Classification", ICLR 2021; github.com/liznerski/fcdd ``python/fcdd/models/*.py``,
+  ``python/fcdd/datasets/{fmnist,cifar,mvtec}.py``.
+
+Preprocessing: global contrast normalisation with the l1 scale (GCN, per sample: subtract the mean
+over all pixels and channels, divide by the mean absolute deviation) followed by min-max scaling
+with per-normal-class constants, which the official code pre-computed on the normal training
+images after GCN. ``fit_normalizer`` uses those constants when it can identify the dataset and the
+normal class of a split (see ``identify_split``); otherwise it computes min and max over the normal
+training images after GCN itself and says so in ``Normalizer.source``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data.base import Split
+
+# --------------------------------------------------------------------------------------------
+# Official per-class constants
+# --------------------------------------------------------------------------------------------
+
+# (min, max) after GCN-l1, per normal class. MNIST: Deep-SVDD-PyTorch src/datasets/mnist.py.
+_MNIST_MINMAX = [
+    (-0.8826567065619495, 9.001545489292527), (-0.6661464580883915, 20.108062262467364),
+    (-0.7820454743183202, 11.665100841080346), (-0.7645772083211267, 12.895051191467457),
+    (-0.7253923114302238, 12.683235701611533), (-0.7698501867861425, 13.103278415430502),
+    (-0.778418217980696, 10.457837397569108), (-0.7129780970522351, 12.057777597673047),
+    (-0.8280402650205075, 10.581538445782988), (-0.7369959242164307, 10.697039838804978),
+]
+# CIFAR-10: Deep-SVDD-PyTorch src/datasets/cifar10.py (identical in fcdd datasets/cifar.py).
+_CIFAR10_MINMAX = [
+    (-28.94083453598571, 13.802961825439636), (-6.681770233365245, 9.158067708230273),
+    (-34.924463588638204, 14.419298165027628), (-10.599172931391799, 11.093187820377565),
+    (-11.945022995801637, 10.628045447867583), (-9.691969487694928, 8.948326776180823),
+    (-9.174940012342555, 13.847014686472365), (-6.876682005899029, 12.282371383343161),
+    (-15.603507135507172, 15.2464923804279), (-6.132882973622672, 8.046098172351265),
+]
+# Fashion-MNIST: fcdd python/fcdd/datasets/fmnist.py (min_max_l1).
+_FMNIST_MINMAX = [
+    (-2.681239128112793, 24.85430908203125), (-2.5778584480285645, 11.169795989990234),
+    (-2.808171510696411, 19.133548736572266), (-1.9533653259277344, 18.65673065185547),
+    (-2.6103856563568115, 19.166685104370117), (-1.2358522415161133, 28.463092803955078),
+    (-3.251605987548828, 24.196823120117188), (-1.0814440250396729, 16.878812789916992),
+    (-3.6560964584350586, 11.3502836227417), (-1.3859291076660156, 11.426650047302246),
+]
+# MVTec-AD: fcdd python/fcdd/datasets/mvtec.py (min_max_l1), per channel: (mins, maxs).
+_MVTEC_MINMAX = [
+    ((-1.3336724042892456, -1.3107913732528687, -1.2445921897888184), (1.3779616355895996,) * 3),
+    ((-2.2404820919036865, -2.3387579917907715, -2.2896201610565186), (4.573435306549072,) * 3),
+    ((-3.184587001800537, -3.164201259613037, -3.1392977237701416),
+     (1.6995097398757935, 1.6011602878570557, 1.5209171772003174)),
+    ((-3.0334954261779785, -2.958242416381836, -2.7701096534729004),
+     (6.503103256225586, 5.875098705291748, 5.814228057861328)),
+    ((-3.100773334503174,) * 3, (4.27892541885376,) * 3),
+    ((-3.6565306186676025, -3.507692813873291, -2.7635035514831543),
+     (18.966819763183594, 21.64590072631836, 26.408710479736328)),
+    ((-1.5192601680755615, -2.2068002223968506, -2.3948357105255127),
+     (11.564697265625, 10.976534843444824, 10.378695487976074)),
+    ((-1.3207964897155762, -1.2889339923858643, -1.148416519165039), (6.854909896850586,) * 3),
+    ((-0.9883341193199158, -0.9822461605072021, -0.9288841485977173),
+     (2.290637969970703, 2.4007883071899414, 2.3044068813323975)),
+    ((-7.236185073852539,) * 3, (3.3777384757995605,) * 3),
+    ((-3.2036616802215576, -3.221003532409668, -3.305514335632324),
+     (7.022546768188477, 6.115569114685059, 6.310940742492676)),
+    ((-0.8915618658065796, -0.8669204115867615, -0.8002046346664429),
+     (4.4255571365356445, 4.642300128936768, 4.305730819702148)),
+    ((-1.9086798429489136, -2.0004451274871826, -1.929288387298584), (5.463134765625,) * 3),
+    ((-2.9547364711761475, -3.17536997795105, -3.143850803375244),
+     (5.305514812469482, 4.535006523132324, 3.3618252277374268)),
+    ((-1.2906527519226074,) * 3, (2.515115737915039,) * 3),
+]
+# Per-class channel mean / std of the raw [0, 1] images (fcdd datasets/cifar.py), used by FCDD's
+# CIFAR-10 default preprocessing 'aug1'.
+_CIFAR10_MEAN = [
+    (0.5256516933441162, 0.5603281855583191, 0.5888723731040955),
+    (0.4711322784423828, 0.45446228981018066, 0.4471212327480316),
+    (0.48923906683921814, 0.49146366119384766, 0.423904687166214),
+    (0.4954785108566284, 0.45636114478111267, 0.4154069721698761),
+    (0.47155335545539856, 0.46515223383903503, 0.37797248363494873),
+    (0.49992093443870544, 0.4646056592464447, 0.4164286255836487),
+    (0.47001829743385315, 0.43829214572906494, 0.34500396251678467),
+    (0.5019531846046448, 0.47983652353286743, 0.4167139232158661),
+    (0.4902143180370331, 0.5253947973251343, 0.5546804070472717),
+    (0.4986417591571808, 0.4852965474128723, 0.4780091941356659),
+]
+_CIFAR10_STD = [
+    (0.2502202093601227, 0.24083486199378967, 0.2659735083580017),
+    (0.26806357502937317, 0.2658274173736572, 0.2749459445476532),
+    (0.22705480456352234, 0.2209445983171463, 0.24337927997112274),
+    (0.2568431496620178, 0.25227081775665283, 0.25799375772476196),
+    (0.21732737123966217, 0.20652702450752258, 0.21182335913181305),
+    (0.2504253387451172, 0.24374878406524658, 0.2489463835954666),
+    (0.22888341546058655, 0.21856172382831573, 0.2204199582338333),
+    (0.2430490106344223, 0.243973046541214, 0.25171563029289246),
+    (0.24962472915649414, 0.24068884551525116, 0.25149762630462646),
+    (0.2680525481700897, 0.26910799741744995, 0.2810165584087372),
+]
+
+_CLASS_NAMES = {
+    "mnist": [str(i) for i in range(10)],
+    "fashion_mnist": ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                      "sneaker", "bag", "ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"],
+    "mvtec": ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+              "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper"],
+}
+# raw image geometry the constants were computed at: (side, channels); None = any (MVTec-AD images
+# come at 700-1024 px, grey categories possibly with one channel: fcdd used them as RGB)
+_CONST_GEOMETRY = {"mnist": (28, 1), "fashion_mnist": (28, 1), "cifar10": (32, 3), "mvtec": (None, None)}
+_ALIASES = {
+    "mnist": "mnist", "fashion_mnist": "fashion_mnist", "fashionmnist": "fashion_mnist",
+    "fmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist", "cifar10": "cifar10",
+    "cifar-10": "cifar10", "cifar_10": "cifar10", "mvtec": "mvtec", "mvtec_ad": "mvtec",
+    "mvtec-ad": "mvtec", "mvtecad": "mvtec",
+}
+
+
+def _norm_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def identify_split(split: Split) -> tuple[str | None, int | None]:
+    """(canonical dataset name, official normal-class index) of a one-class train split, or None
+    where unknown. Reads ``split.meta['dataset']`` / ``split.meta['normal_class(es)']`` when the data
+    layer sets them, else the first token of ``split.key`` and the single normal target."""
+    meta = split.meta or {}
+    raw_name = meta.get("dataset")
+    if raw_name is None:
+        raw_name = re.split(r"[^a-z0-9_\-]", str(split.key).lower(), maxsplit=1)[0]
+    dataset = _ALIASES.get(str(raw_name).lower())
+    if dataset is None:
+        return None, None
+    official = _CLASS_NAMES[dataset]
+    wanted = {_norm_name(n): i for i, n in enumerate(official)}
+
+    cls = meta.get("normal_class", meta.get("normal_classes"))
+    if isinstance(cls, (list, tuple)):
+        cls = cls[0] if len(cls) == 1 else None
+        if cls is None:
+            return dataset, None
+    if isinstance(cls, str) and "+" in cls:  # a class set ("0+1+2", data.protocols.class_label)
+        return dataset, None
+    if cls is None:
+        normal_targets = np.unique(np.asarray(split.targets)[np.asarray(split.labels) == 0])
+        if len(normal_targets) != 1:
+            return dataset, None
+        t = int(normal_targets[0])
+        if 0 <= t < len(split.class_names):
+            cls = split.class_names[t]
+            if _norm_name(cls) not in wanted and len(split.class_names) == len(official):
+                return dataset, t  # standard class order, non-standard spelling
+        else:
+            cls = t
+    if isinstance(cls, (int, np.integer)):
+        if 0 <= int(cls) < len(official):
+            return dataset, int(cls)
+        return dataset, None
+    if _norm_name(cls) in wanted:
+        return dataset, wanted[_norm_name(cls)]
+    if dataset == "mvtec":  # e.g. class names are defect types: find the category in the key
+        for i, name in enumerate(official):
+            if name in str(split.key).lower():
+                return dataset, i
+    if str(cls).isdigit() and int(cls) < len(official):
+        return dataset, int(cls)
+    return dataset, None
+
+
+# --------------------------------------------------------------------------------------------
+# GCN + min-max / mean-std normalisation
+# --------------------------------------------------------------------------------------------
+
+def gcn_l1(x: torch.Tensor) -> torch.Tensor:
+    """Global contrast normalisation, l1 scale, per sample over all pixels and channels
+    (Deep SVDD paper Sec. 4.1; ``global_contrast_normalization(x, scale='l1')``). A constant image
+    (scale 0) is only centred, as in fcdd's ``local_contrast_normalization``."""
+    x = x - x.mean(dim=(1, 2, 3), keepdim=True)
+    scale = x.abs().mean(dim=(1, 2, 3), keepdim=True)
+    return x / torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+@dataclass
+class Normalizer:
+    """kind: 'gcn_minmax' (GCN-l1 then (x - lo) / (hi - lo)), 'mean_std' ((x - mean) / std) or
+    'none'. Values are per channel. ``source`` says where the constants came from."""
+
+    kind: str
+    lo: tuple[float, ...] = ()
+    hi: tuple[float, ...] = ()
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    source: str = ""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if self.kind == "gcn_minmax":
+            x = gcn_l1(x)
+            lo = torch.tensor(_per_channel(self.lo, c), dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+            hi = torch.tensor(_per_channel(self.hi, c), dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+            return (x - lo) / (hi - lo)
+        if self.kind == "mean_std":
+            m = torch.tensor(_per_channel(self.mean, c), dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+            s = torch.tensor(_per_channel(self.std, c), dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+            return (x - m) / s
+        return x
+
+    def describe(self) -> dict:
+        out = {"kind": self.kind, "source": self.source}
+        if self.kind == "gcn_minmax":
+            out.update(gcn="l1", min=list(self.lo), max=list(self.hi))
+        elif self.kind == "mean_std":
+            out.update(mean=list(self.mean), std=list(self.std))
+        return out
+
+    def key(self) -> tuple:
+        return (self.kind, tuple(self.lo), tuple(self.hi), tuple(self.mean), tuple(self.std))
+
+
+def _per_channel(values: Sequence[float], c: int) -> list[float]:
+    values = list(values)
+    if len(values) == c:
+        return values
+    if len(values) == 1:
+        return values * c
+    if c == 1:  # colour constants applied to grey input: average
+        return [float(np.mean(values))]
+    raise ValueError(f"normalisation constants for {len(values)} channels, input has {c}")
+
+
+def fit_normalizer(kind: str, normal_images: torch.Tensor, split: Split | None,
+                   stats: str = "auto", raw_hw: tuple[int, int] | None = None,
+                   raw_channels: int | None = None) -> Normalizer:
+    """Build the normaliser for ``kind`` from the official constants (``stats='auto'`` and the
+    split identifies a dataset / normal class whose raw geometry matches) or computed from
+    ``normal_images`` (N×C×H×W in [0, 1], the normal training images as the net sees them)."""
+    if kind == "none":
+        return Normalizer("none", source="no normalisation (inputs in [0, 1])")
+    dataset, cls = identify_split(split) if (split is not None and stats == "auto") else (None, None)
+    geometry_ok = False
+    if dataset is not None and cls is not None:
+        side, ch = _CONST_GEOMETRY[dataset]
+        geometry_ok = (ch is None or ch == raw_channels) and (side is None or raw_hw == (side, side))
+    tag = f"{dataset}/{_CLASS_NAMES[dataset][cls]}" if geometry_ok else None
+    if kind == "gcn_minmax":
+        table = {"mnist": _MNIST_MINMAX, "fashion_mnist": _FMNIST_MINMAX,
+                 "cifar10": _CIFAR10_MINMAX}
+        if tag and dataset in table:
+            lo, hi = table[dataset][cls]
+            return Normalizer(kind, lo=(lo,), hi=(hi,), source=f"official constants {tag}")
+        if tag and dataset == "mvtec":
+            lo, hi = _MVTEC_MINMAX[cls]
+            return Normalizer(kind, lo=tuple(lo), hi=tuple(hi), source=f"official constants {tag}")
+        g = torch.cat([gcn_l1(b) for b in normal_images.split(512)])
+        lo, hi = float(g.min()), float(g.max())
+        if hi <= lo:
+            hi = lo + 1.0
+        return Normalizer(kind, lo=(lo,), hi=(hi,),
+                          source=f"computed: min/max over {len(g)} normal training images after GCN-l1")
+    if kind == "mean_std":
+        if tag and dataset == "cifar10":
+            return Normalizer(kind, mean=_CIFAR10_MEAN[cls], std=_CIFAR10_STD[cls],
+                              source=f"official constants {tag}")
+        mean = normal_images.mean(dim=(0, 2, 3))
+        std = normal_images.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        return Normalizer(kind, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+                          source=f"computed: channel mean/std over {len(normal_images)} normal training images")
+    raise ValueError(f"unknown normalisation {kind!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Deep SVDD / DCAE LeNet-type networks (bias-free, BN without affine parameters)
+# --------------------------------------------------------------------------------------------
+
+def _bn2d(c: int, affine: bool = False) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-4, affine=affine)
+
+
+def _xavier_lrelu(m: nn.Module) -> nn.Module:
+    nn.init.xavier_uniform_(m.weight, gain=nn.init.calculate_gain("leaky_relu"))
+    return m
+
+
+class MnistLeNet(nn.Module):
+    """Deep SVDD's MNIST LeNet: conv(8,5×5)-BN-LReLU-pool, conv(4,5×5)-BN-LReLU-pool, fc(196→32).
+    No bias anywhere and BN without affine terms (paper Sec. 3.3, Prop. 2)."""
+
+    in_size, in_channels, rep_dim = 28, 1, 32
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 5, bias=False, padding=2)
+        self.bn1 = _bn2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 5, bias=False, padding=2)
+        self.bn2 = _bn2d(4)
+        self.fc1 = nn.Linear(4 * 7 * 7, self.rep_dim, bias=False)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.leaky_relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.leaky_relu(self.bn2(self.conv2(x))), 2)
+        return self.fc1(x.flatten(1))
+
+
+class MnistLeNetAE(nn.Module):
+    """DCAE for MNIST: the encoder above and a mirrored decoder of nearest up-sampling + deconvs."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = MnistLeNet()
+        self.deconv1 = nn.ConvTranspose2d(2, 4, 5, bias=False, padding=2)
+        self.bn3 = _bn2d(4)
+        self.deconv2 = nn.ConvTranspose2d(4, 8, 5, bias=False, padding=3)
+        self.bn4 = _bn2d(8)
+        self.deconv3 = nn.ConvTranspose2d(8, 1, 5, bias=False, padding=2)
+
+    def forward(self, x):
+        z = self.encoder(x).view(x.size(0), 2, 4, 4)
+        x = F.interpolate(F.leaky_relu(z), scale_factor=2)
+        x = F.interpolate(F.leaky_relu(self.bn3(self.deconv1(x))), scale_factor=2)
+        x = F.interpolate(F.leaky_relu(self.bn4(self.deconv2(x))), scale_factor=2)
+        return torch.sigmoid(self.deconv3(x))
+
+
+class Cifar10LeNet(nn.Module):
+    """Deep SVDD's CIFAR-10 LeNet: three conv(5×5)-BN-LReLU-pool blocks (32, 64, 128) and
+    fc(2048→128); bias-free."""
+
+    in_size, in_channels, rep_dim = 32, 3, 128
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 5, bias=False, padding=2)
+        self.bn2d1 = _bn2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 5, bias=False, padding=2)
+        self.bn2d2 = _bn2d(64)
+        self.conv3 = nn.Conv2d(64, 128, 5, bias=False, padding=2)
+        self.bn2d3 = _bn2d(128)
+        self.fc1 = nn.Linear(128 * 4 * 4, self.rep_dim, bias=False)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.leaky_relu(self.bn2d1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.leaky_relu(self.bn2d2(self.conv2(x))), 2)
+        x = F.max_pool2d(F.leaky_relu(self.bn2d3(self.conv3(x))), 2)
+        return self.fc1(x.flatten(1))
+
+
+class Cifar10LeNetAE(nn.Module):
+    """DCAE for CIFAR-10 (official: Xavier-uniform init with the leaky-ReLU gain, BN1d on the code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = Cifar10LeNet()
+        for conv in (self.encoder.conv1, self.encoder.conv2, self.encoder.conv3):
+            _xavier_lrelu(conv)
+        self.bn1d = nn.BatchNorm1d(128, eps=1e-4, affine=False)
+        self.deconv1 = _xavier_lrelu(nn.ConvTranspose2d(8, 128, 5, bias=False, padding=2))
+        self.bn2d4 = _bn2d(128)
+        self.deconv2 = _xavier_lrelu(nn.ConvTranspose2d(128, 64, 5, bias=False, padding=2))
+        self.bn2d5 = _bn2d(64)
+        self.deconv3 = _xavier_lrelu(nn.ConvTranspose2d(64, 32, 5, bias=False, padding=2))
+        self.bn2d6 = _bn2d(32)
+        self.deconv4 = _xavier_lrelu(nn.ConvTranspose2d(32, 3, 5, bias=False, padding=2))
+
+    def forward(self, x):
+        z = self.bn1d(self.encoder(x)).view(x.size(0), 8, 4, 4)
+        x = self.deconv1(F.leaky_relu(z))
+        x = F.interpolate(F.leaky_relu(self.bn2d4(x)), scale_factor=2)
+        x = F.interpolate(F.leaky_relu(self.bn2d5(self.deconv2(x))), scale_factor=2)
+        x = F.interpolate(F.leaky_relu(self.bn2d6(self.deconv3(x))), scale_factor=2)
+        return torch.sigmoid(self.deconv4(x))
+
+
+DSVDD_NETS = {"mnist_lenet": (MnistLeNet, MnistLeNetAE), "cifar10_lenet": (Cifar10LeNet, Cifar10LeNetAE)}
+
+
+# --------------------------------------------------------------------------------------------
+# Receptive field bookkeeping and FCDD's up-sampling (Algorithm 1)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reception:
+    """Receptive field of an output pixel (receptive-field arithmetic as in fcdd models/bases.py):
+    n: output side, j: jump (stride w.r.t. the input), r: extent, s: input coordinate of the centre
+    of output pixel 0 (output pixel i is centred at s + j·i), in_size: input side."""
+
+    n: int
+    j: int
+    r: int
+    s: float
+    in_size: int
+
+
+def reception_of(modules: Sequence[nn.Module], in_size: int) -> Reception:
+    """Walk conv / max-pool layers in forward order and accumulate (n, j, r, s)."""
+    n, j, r, s = in_size, 1, 1, 0.0
+    for m in modules:
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
+            st = m.stride if isinstance(m.stride, int) else m.stride[0]
+            p = m.padding if isinstance(m.padding, int) else m.padding[0]
+            d = m.dilation if isinstance(m.dilation, int) else m.dilation[0]
+            k_eff = d * (k - 1) + 1
+            n = (n + 2 * p - k_eff) // st + 1
+            r = r + (k_eff - 1) * j
+            s = s + ((k_eff - 1) / 2 - p) * j
+            j = j * st
+    return Reception(n=n, j=j, r=r, s=s, in_size=in_size)
+
+
+def kernel_size_to_std(k: int) -> float:
+    """fcdd's default Gaussian std for a kernel of size k (datasets/noise.py)."""
+    return math.log10(0.45 * k + 1) + 0.25 if k < 32 else 10.0
+
+
+def _upsample_matrix(n: int, out: int, rec: Reception, std: float, device, dtype) -> torch.Tensor:
+    """out×n matrix: column i is the (peak-1) Gaussian centred at the receptive-field centre of
+    low-res pixel i, truncated to the receptive field (|x - c| <= (r - 1) / 2)."""
+    centres = rec.s + rec.j * torch.arange(n, device=device, dtype=torch.float64)
+    x = torch.arange(out, device=device, dtype=torch.float64)
+    d = x[:, None] - centres[None, :]
+    g = torch.exp(-0.5 * (d / std) ** 2) * (d.abs() <= (rec.r - 1) / 2 + 1e-9)
+    return g.to(dtype)
+
+
+def receptive_upsample(a: torch.Tensor, rec: Reception, std: float, out_size: int | None = None) -> torch.Tensor:
+    """FCDD's receptive-field up-sampling (ICLR 2021, Algorithm 1): A' = Σ_a a · G(c_a, σ), i.e. a
+    strided transposed convolution of the low-res heatmap A (N×1×u×v or N×u×v) with a fixed
+    Gaussian kernel of std σ and extent r (the receptive field), each low-res pixel's Gaussian
+    centred at its receptive-field centre c_a = s + j·i in the input. Computed exactly as the
+    separable product K_h · A · K_wᵀ, so half-pixel centres (after 2×2 pooling) are kept."""
+    squeeze = a.dim() == 3
+    a4 = a if not squeeze else a[:, None]
+    out = out_size or rec.in_size
+    kh = _upsample_matrix(a4.shape[-2], out, rec, std, a4.device, a4.dtype)
+    kw = _upsample_matrix(a4.shape[-1], out, rec, std, a4.device, a4.dtype)
+    res = torch.einsum("hu,ncuv,wv->nchw", kh, a4, kw)
+    return res[:, 0] if squeeze else res
+
+
+def gaussian_blur(x: torch.Tensor, k: int, std: float) -> torch.Tensor:
+    """Normalised Gaussian blur (N×C×H×W) with an odd kernel k and reflect padding, as kornia's
+    ``gaussian_blur2d`` used by fcdd to blur baseline heatmaps."""
+    k = k if k % 2 == 1 else k - 1
+    if k <= 1:
+        return x
+    half = k // 2
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - half
+    g = torch.exp(-0.5 * (t / std) ** 2)
+    g = g / g.sum()
+    c = x.shape[1]
+    mode = "reflect" if half < min(x.shape[-2:]) else "replicate"
+    y = F.pad(x, (half, half, half, half), mode=mode)
+    y = F.conv2d(y, g.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
+    return F.conv2d(y, g.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
+
+
+# --------------------------------------------------------------------------------------------
+# FCDD fully convolutional networks (fcdd models/fcdd_cnn_{28,32,224}.py)
+# --------------------------------------------------------------------------------------------
+
+def _bn(c: int, affine: bool) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-4, affine=affine)
+
+
+def _fcdd_features(name: str, in_ch: int, bias: bool) -> tuple[nn.Sequential, int]:
+    """Feature extractor (before the final 1×1 conv) of the small FCDD nets; returns (features,
+    channels). Layer order = official forward order (which fixes the receptive field)."""
+    lrelu = nn.LeakyReLU()
+    if name == "cnn28":  # FCDD_CNN28
+        layers = [nn.Conv2d(in_ch, 8, 5, padding=2, bias=bias), _bn(8, bias), lrelu, nn.MaxPool2d(2, 2),
+                  nn.Conv2d(8, 16, 5, padding=2, bias=bias), nn.MaxPool2d(2, 2)]
+        return nn.Sequential(*layers), 16
+    if name == "cnn28_w":  # FCDD_CNN28_W (the paper's Fashion-MNIST net)
+        layers = [nn.Conv2d(in_ch, 128, 5, padding=2, bias=bias), _bn(128, bias), lrelu, nn.MaxPool2d(2, 2),
+                  nn.Conv2d(128, 128, 5, padding=2, bias=bias), nn.MaxPool2d(2, 2)]
+        return nn.Sequential(*layers), 128
+    if name == "cnn32_s":  # FCDD_CNN32_S
+        layers = [nn.Conv2d(in_ch, 32, 3, padding=1, bias=bias), _bn(32, bias), lrelu, nn.MaxPool2d(2, 2),
+                  nn.Conv2d(32, 64, 3, padding=1, bias=bias), _bn(64, bias), lrelu, nn.MaxPool2d(2, 2),
+                  nn.Conv2d(64, 128, 3, padding=1, bias=bias)]
+        return nn.Sequential(*layers), 128
+    if name == "cnn32_lw3k":  # FCDD_CNN32_LW3K (the paper's CIFAR-10 net)
+        layers = [nn.Conv2d(in_ch, 128, 3, padding=1, bias=bias), _bn(128, bias), lrelu, nn.MaxPool2d(2, 2),
+                  nn.Conv2d(128, 256, 3, padding=1, bias=bias), _bn(256, bias), lrelu,
+                  nn.Conv2d(256, 256, 3, padding=1, bias=bias), _bn(256, bias), lrelu, nn.MaxPool2d(2, 2),
+                  nn.Conv2d(256, 128, 3, padding=1, bias=bias)]
+        return nn.Sequential(*layers), 128
+    raise ValueError(f"unknown FCDD net {name!r}")
+
+
+def _vgg11_bn_features() -> nn.Sequential:
+    """torchvision's vgg11_bn ``features`` layout (so its state_dict loads by index)."""
+    cfg = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+    layers, c = [], 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            c = v
+    return nn.Sequential(*layers)
+
+
+def load_vgg11_bn_state(weights: str | None) -> tuple[dict, str]:
+    """ImageNet vgg11_bn weights: from ``weights`` (a local .pth) or torchvision's cache.
+    Returns (state_dict, sha256 of the file). Offline and absent: a clear error."""
+    import hashlib
+    import os
+
+    if weights:
+        path = os.path.expanduser(weights)
+    else:
+        try:
+            from torchvision.models import VGG11_BN_Weights
+            url = VGG11_BN_Weights.IMAGENET1K_V1.url
+        except Exception:  # pragma: no cover - very old torchvision
+            url = "https://download.pytorch.org/models/vgg11_bn-6002323d.pth"
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+        if not os.path.exists(path):
+            try:
+                torch.hub.load_state_dict_from_url(url, progress=False)
+            except Exception as exc:
+                raise FileNotFoundError(
+                    f"pretrained vgg11_bn weights not found and cannot be downloaded ({exc}); place "
+                    f"{os.path.basename(url)} at {path} or pass params weights: PATH "
+                    "(or set pretrained: false)") from exc
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file {path} does not exist: place the torchvision vgg11_bn "
+                                "ImageNet checkpoint (vgg11_bn-6002323d.pth) there or set pretrained: false")
+    with open(path, "rb") as fh:
+        sha = hashlib.sha256(fh.read()).hexdigest()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state, sha
+
+
+class FCDDNet(nn.Module):
+    """φ: C×H×W → 1×u×v without fully connected layers (FCDD paper Sec. 3). ``features`` holds
+    every layer before the final 1×1 conv; ``reception`` the receptive field of an output pixel."""
+
+    def __init__(self, name: str, in_channels: int, in_size: int, bias: bool = True,
+                 pretrained_state: dict | None = None, freeze: bool = False):
+        super().__init__()
+        self.name = name
+        if name == "vgg11_224":
+            if not bias:
+                raise ValueError("the VGG-based FCDD net needs bias: true (official: 'VGG net is only "
+                                 "supported with bias')")
+            feats = _vgg11_bn_features()
+            if pretrained_state is not None:
+                feats.load_state_dict({k[len("features."):]: v for k, v in pretrained_state.items()
+                                       if k.startswith("features.")})
+            self.features = feats[:-8]  # up to block 4 (stride 8), as FCDD_CNN224_VGG
+            if freeze:  # FCDD_CNN224_VGG_F: the first 15 modules (blocks 1-3) stay fixed
+                for p in self.features[:15].parameters():
+                    p.requires_grad_(False)
+            ch = 512
+        else:
+            self.features, ch = _fcdd_features(name, in_channels, bias)
+        self.conv_final = nn.Conv2d(ch, 1, 1, bias=bias)
+        self.reception = reception_of(list(self.features) + [self.conv_final], in_size)
+
+    def forward(self, x):
+        return self.conv_final(self.features(x))
+
+
+def fcdd_reception(name: str, in_channels: int, in_size: int) -> Reception:
+    """Receptive field of the FCDD net ``name`` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return FCDDNet(name, in_channels, in_size, bias=True).reception
+
+
+# --------------------------------------------------------------------------------------------
+# HSC baseline networks (fcdd models/shallow_cnn_{28,32,224}.py): conv blocks + dense head
+# --------------------------------------------------------------------------------------------
+
+class HSCNet(nn.Module):
+    """The FCDD paper's HSC baseline: the FCDD conv blocks followed by fully connected layers
+    that pool the spatial map into one feature vector (CNN28 / CNN28_W / CNN32 / CNN32_LW3K /
+    CNN224_VGG). ``rep_dim``: output size."""
+
+    def __init__(self, name: str, in_channels: int, bias: bool = True,
+                 pretrained_state: dict | None = None, freeze: bool = False):
+        super().__init__()
+        self.name = name
+        lrelu = nn.LeakyReLU()
+        if name in ("cnn28", "cnn28_w"):
+            c1, c2 = (8, 4) if name == "cnn28" else (128, 64)
+            self.features = nn.Sequential(
+                nn.Conv2d(in_channels, c1, 5, padding=2, bias=bias), _bn(c1, bias), lrelu, nn.MaxPool2d(2, 2),
+                nn.Conv2d(c1, c2, 5, padding=2, bias=bias), _bn(c2, bias), lrelu, nn.MaxPool2d(2, 2))
+            self.head = nn.Linear(c2 * 7 * 7, 48, bias=bias)
+            self.rep_dim, self.code_shape = 48, (3, 4, 4)
+        elif name in ("cnn32_s", "cnn32_lw3k"):
+            if name == "cnn32_s":  # CNN32: 5×5 convs 32-64-128
+                blocks = [nn.Conv2d(in_channels, 32, 5, padding=2, bias=bias), _bn(32, bias), lrelu, nn.MaxPool2d(2, 2),
+                          nn.Conv2d(32, 64, 5, padding=2, bias=bias), _bn(64, bias), lrelu, nn.MaxPool2d(2, 2),
+                          nn.Conv2d(64, 128, 5, padding=2, bias=bias), _bn(128, bias), lrelu, nn.MaxPool2d(2, 2)]
+            else:  # CNN32_LW3K
+                blocks = [nn.Conv2d(in_channels, 128, 3, padding=1, bias=bias), _bn(128, bias), lrelu, nn.MaxPool2d(2, 2),
+                          nn.Conv2d(128, 256, 3, padding=1, bias=bias), _bn(256, bias), lrelu,
+                          nn.Conv2d(256, 256, 3, padding=1, bias=bias), _bn(256, bias), lrelu, nn.MaxPool2d(2, 2),
+                          nn.Conv2d(256, 128, 3, padding=1, bias=bias), _bn(128, bias), lrelu, nn.MaxPool2d(2, 2)]
+            self.features = nn.Sequential(*blocks)
+            self.head = nn.Sequential(nn.Linear(128 * 4 * 4, 512, bias=bias),
+                                      nn.BatchNorm1d(512, eps=1e-4, affine=bias), nn.LeakyReLU(),
+                                      nn.Linear(512, 64, bias=bias))
+            self.rep_dim, self.code_shape = 64, (4, 4, 4)
+        elif name == "vgg11_224":  # CNN224_VGG(_F): vgg11_bn with classifier[:-3] (4096-d output)
+            feats = _vgg11_bn_features()
+            classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(),
+                                       nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
+                                       nn.Linear(4096, 1000))
+            if pretrained_state is not None:
+                feats.load_state_dict({k[9:]: v for k, v in pretrained_state.items() if k.startswith("features.")})
+                classifier.load_state_dict({k[11:]: v for k, v in pretrained_state.items()
+                                            if k.startswith("classifier.")})
+            if freeze:
+                for p in feats[:15].parameters():
+                    p.requires_grad_(False)
+            self.features = nn.Sequential(*feats, nn.AdaptiveAvgPool2d((7, 7)))
+            self.head = classifier[:-3]
+            self.rep_dim, self.code_shape = 4096, None
+        else:
+            raise ValueError(f"unknown HSC net {name!r}")
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+# --------------------------------------------------------------------------------------------
+# AE baseline networks (fcdd models/shallow_cnn_*.py: AE28, AE28_W, AE32, AE32_LW3K, AE224_VGG)
+# --------------------------------------------------------------------------------------------
+
+class FCDDAutoencoder(nn.Module):
+    """The FCDD paper's AE baseline: the HSC encoder and an hourglass decoder."""
+
+    ENCODER = {"ae28": "cnn28", "ae28_w": "cnn28_w", "ae32": "cnn32_s", "ae32_lw3k": "cnn32_lw3k",
+               "ae224_vgg": "vgg11_224"}
+    FCDD_NET = {"ae28": "cnn28", "ae28_w": "cnn28_w", "ae32": "cnn32_s", "ae32_lw3k": "cnn32_lw3k",
+                "ae224_vgg": "vgg11_224"}
+
+    def __init__(self, name: str, in_channels: int, bias: bool = True,
+                 pretrained_state: dict | None = None, freeze: bool = False):
+        super().__init__()
+        if name not in self.ENCODER:
+            raise ValueError(f"unknown AE net {name!r}")
+        self.name = name
+        self.encoder = HSCNet(self.ENCODER[name], in_channels, bias, pretrained_state, freeze)
+        out_ch = in_channels
+        if name in ("ae28", "ae28_w"):
+            w1, w2 = (4, 8) if name == "ae28" else (64, 128)
+            init = _xavier_lrelu if name == "ae28" else (lambda m: m)
+            self.pre = nn.Identity()
+            self.decoder = nn.Sequential(
+                nn.LeakyReLU(), nn.Upsample(scale_factor=2),
+                init(nn.ConvTranspose2d(3, w1, 5, padding=2, bias=bias)), _bn(w1, bias), nn.LeakyReLU(),
+                nn.Upsample(scale_factor=2),
+                init(nn.ConvTranspose2d(w1, w2, 5, padding=3, bias=bias)), _bn(w2, bias), nn.LeakyReLU(),
+                nn.Upsample(scale_factor=2),
+                init(nn.ConvTranspose2d(w2, out_ch, 5, padding=2, bias=bias)), nn.Sigmoid())
+            self.code_shape = (3, 4, 4)
+        elif name == "ae32":
+            self.pre = nn.BatchNorm1d(64, eps=1e-4, affine=bias)
+            x = _xavier_lrelu
+            self.decoder = nn.Sequential(
+                nn.LeakyReLU(),
+                x(nn.ConvTranspose2d(4, 128, 5, padding=2, bias=bias)), _bn(128, bias), nn.LeakyReLU(),
+                nn.Upsample(scale_factor=2),
+                x(nn.ConvTranspose2d(128, 64, 5, padding=2, bias=bias)), _bn(64, bias), nn.LeakyReLU(),
+                nn.Upsample(scale_factor=2),
+                x(nn.ConvTranspose2d(64, 32, 5, padding=2, bias=bias)), _bn(32, bias), nn.LeakyReLU(),
+                nn.Upsample(scale_factor=2),
+                x(nn.ConvTranspose2d(32, out_ch, 5, padding=2, bias=bias)))
+            self.code_shape = (4, 4, 4)
+        elif name == "ae32_lw3k":
+            self.pre = nn.BatchNorm1d(64, eps=1e-4, affine=bias)
+            self.decoder = nn.Sequential(
+                nn.LeakyReLU(),
+                nn.ConvTranspose2d(4, 128, 3, padding=1, bias=bias), _bn(128, bias), nn.LeakyReLU(),
+                nn.Upsample(scale_factor=2),
+                nn.ConvTranspose2d(128, 256, 3, padding=1, bias=bias), _bn(256, bias), nn.LeakyReLU(),
+                nn.ConvTranspose2d(256, 256, 3, padding=1, bias=bias), _bn(256, bias), nn.LeakyReLU(),
+                nn.Upsample(scale_factor=2),
+                nn.ConvTranspose2d(256, 128, 3, padding=1, bias=bias), _bn(128, bias), nn.LeakyReLU(),
+                nn.Upsample(scale_factor=2),
+                nn.ConvTranspose2d(128, out_ch, 3, padding=1, bias=bias))
+            self.code_shape = (4, 4, 4)
+        else:  # ae224_vgg (AE224_VGG): 4096 → 512×7×7 → five up-sampling stages
+            self.pre = nn.Sequential(nn.BatchNorm1d(4096), nn.ReLU(True), nn.Linear(4096, 25088),
+                                     nn.BatchNorm1d(25088), nn.ReLU(True))
+            self.decoder = nn.Sequential(
+                nn.Upsample(scale_factor=2),
+                nn.ConvTranspose2d(512, 512, 3, 1, 1), nn.BatchNorm2d(512), nn.ReLU(True),
+                nn.ConvTranspose2d(512, 512, 3, 1, 1), nn.BatchNorm2d(512), nn.ReLU(True),
+                nn.Upsample(scale_factor=2),
+                nn.ConvTranspose2d(512, 512, 3, 1, 1), nn.BatchNorm2d(512), nn.ReLU(True),
+                nn.ConvTranspose2d(512, 256, 3, 1, 1), nn.BatchNorm2d(256), nn.ReLU(True),
+                nn.Upsample(scale_factor=2),
+                nn.ConvTranspose2d(256, 256, 3, 1, 1), nn.BatchNorm2d(256), nn.ReLU(True),
+                nn.ConvTranspose2d(256, 128, 3, 1, 1), nn.BatchNorm2d(128), nn.ReLU(True),
+                nn.Upsample(scale_factor=2),
+                nn.ConvTranspose2d(128, 64, 3, 1, 1), nn.BatchNorm2d(64), nn.ReLU(True),
+                nn.Upsample(scale_factor=2),
+                nn.ConvTranspose2d(64, out_ch, 3, 1, 1))
+            self.code_shape = (512, 7, 7)
+
+    def forward(self, x):
+        z = self.pre(self.encoder(x))
+        return self.decoder(z.view(x.size(0), *self.code_shape))
