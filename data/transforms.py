@@ -38,25 +38,29 @@ class Transform:
         return to_tensor(images, self, batch=batch)
 
 
-def _as_nchw(images) -> list[torch.Tensor]:
-    """Uniform array -> one N×C×H×W tensor; list of differently sized images -> one each."""
+def _as_nhwc_groups(images) -> list[np.ndarray]:
+    """Uniform array -> [the N×H×W×C array]; list of differently sized images -> one 1×H×W×C each.
+    No copy here: a memory-mapped dataset is read batch by batch in ``to_tensor``."""
     if isinstance(images, np.ndarray):
-        arr = images if images.ndim == 4 else images[..., None]
-        return [torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)]
+        return [images if images.ndim == 4 else images[..., None]]
     out = []
     for img in images:
         img = np.asarray(img)
-        img = img if img.ndim == 3 else img[..., None]
-        out.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None])
+        out.append((img if img.ndim == 3 else img[..., None])[None])
     return out
+
+
+def _batch_tensor(group: np.ndarray, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of an N×H×W×C array as an N×C×H×W tensor (a private, writable copy)."""
+    return torch.from_numpy(np.array(group[start:stop])).permute(0, 3, 1, 2)
 
 
 def to_tensor(images, transform: Transform, batch: int = 256) -> torch.Tensor:
     """uint8 images (N×H×W×C array or list of H×W×C) -> float N×C×S×S tensor, normalised."""
     chunks = []
-    for group in _as_nchw(images):
+    for group in _as_nhwc_groups(images):
         for start in range(0, group.shape[0], batch):
-            x = group[start:start + batch].float().div_(255.0)
+            x = _batch_tensor(group, start, start + batch).float().div_(255.0)
             if transform.channels == 3 and x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             elif transform.channels == 1 and x.shape[1] == 3:
@@ -81,8 +85,8 @@ def resize_masks(masks, size: int | tuple[int, int], crop: int | None = None,
     resize-then-centre-crop a method's Transform applied to the images when crop/resize given."""
     out_h, out_w = (size, size) if isinstance(size, int) else size
     result = []
-    for group in _as_nchw(masks):
-        m = group.float()
+    for group in _as_nhwc_groups(masks):
+        m = _batch_tensor(group, 0, group.shape[0]).float()
         if resize is not None and crop is not None and crop != resize:
             m = F.interpolate(m, size=(resize, resize), mode="nearest")
             off = (resize - crop) // 2
