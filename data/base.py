@@ -67,6 +67,9 @@ class Dataset:
     name: ClassVar[str]
     Params: ClassVar[type[DatasetParams]] = DatasetParams
     has_masks: ClassVar[bool] = False
+    # True where each category's test side holds its own normal and anomalous images (MVTec-style;
+    # ``load`` then fills ``RawData.is_anomalous``); False for plain classification datasets.
+    per_class_anomalies: ClassVar[bool] = False
 
     def __init__(self, params: DatasetParams):
         self.params = params

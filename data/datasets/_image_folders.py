@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -87,8 +87,7 @@ class DefectFolderDataset(Dataset):
     """
 
     has_masks = True
-    per_class_anomalies: ClassVar[bool] = True  # protocols: anomalies are within a category
-    memoize: ClassVar[bool] = False  # the decode cache already makes a repeated load cheap
+    per_class_anomalies = True
 
     def records(self, category: str, side: str) -> list[ImageRecord]:
         """The category's images for one side; raise DataError if there are none."""
@@ -127,8 +126,6 @@ class DefectFolderDataset(Dataset):
 
 class FileListDataset(Dataset):
     """A classification set given as image files and class indices (``files(side)``)."""
-
-    memoize: ClassVar[bool] = False
 
     def files(self, side: str) -> tuple[list[Path], np.ndarray]:
         raise NotImplementedError

@@ -1,0 +1,69 @@
+"""CIFAR-100 through torchvision's reader (``<root>/cifar-100-python/{train,test,meta}``).
+
+``coarse: true`` uses the 20 superclasses (the usual one-class AD setting) instead of the 100
+fine classes.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+from torchvision.datasets import CIFAR100 as TorchCIFAR100
+
+from data.base import DatasetParams, register_dataset
+from data.datasets._arrays import ArrayDataset, via_torchvision
+from data.datasets.cifar10 import CIFAR_URL, files_only
+
+FINE_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup",
+    "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house",
+    "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man",
+    "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid",
+    "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy",
+    "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal",
+    "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar",
+    "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+)
+COARSE_CLASSES = (
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
+    "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
+    "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "large_omnivores_and_herbivores",
+    "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals", "trees",
+    "vehicles_1", "vehicles_2",
+)
+
+CIFAR100Reader = files_only(TorchCIFAR100)
+
+
+class CIFAR100Params(DatasetParams):
+    root: str = "~/data/cifar100"
+    download: bool = False
+    coarse: bool = False
+
+
+@register_dataset("cifar100")
+class CIFAR100(ArrayDataset):
+    """50,000 train / 10,000 test 32×32 colour images, 100 fine (or 20 coarse) classes."""
+
+    Params = CIFAR100Params
+
+    def classes(self) -> list[str]:
+        return list(COARSE_CLASSES if self.params.coarse else FINE_CLASSES)
+
+    def read(self, side: str) -> tuple[np.ndarray, np.ndarray]:
+        root = self.root()
+        folder = root / CIFAR100Reader.base_folder
+        reader = via_torchvision(
+            self.name, lambda: CIFAR100Reader(str(root), train=side == "train", download=self.params.download),
+            f"CIFAR-100 python files in {folder} (train, test, meta; cifar-100-python.tar.gz from "
+            f"{CIFAR_URL} extracted into {root})", self.params.download)
+        if not self.params.coarse:
+            return reader.data, np.asarray(reader.targets)
+        (file_name, _), = reader.train_list if side == "train" else reader.test_list
+        with open(os.path.join(folder, file_name), "rb") as f:
+            coarse = pickle.load(f, encoding="latin1")["coarse_labels"]
+        return reader.data, np.asarray(coarse)

@@ -1,0 +1,318 @@
+"""Protocols: a dataset -> one train ``Split`` and one or more test ``Split``s (1 = anomalous / OOD).
+
+A normal class is a class name, a tuple of names (a class set) or "all". Splits of fixed datasets
+do not depend on ``seed``: no protocol here subsamples (the argument is kept for ones that will).
+Datasets whose categories hold their own anomalies (``per_class_anomalies``: mvtec, synthetic,
+folder) label their defect images 1; classification datasets label the other classes 1.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.base import DataError, Dataset, RawData, Split, create_dataset
+
+PROTOCOLS: dict[str, str] = {
+    "one_class": "train on the normal class(es) only; test label 1 for every other class, or for "
+                 "defect datasets (MVTec-style) the category's defect images",
+    "unified": "one model on the normal images of every category (UniAD); one test split per "
+               "category, labelled as one_class",
+    "ood": "train a classifier on the in-distribution classes; test = ID test images (0) plus each "
+           "OOD dataset's test images (1), one test split per OOD dataset",
+    "osr": "train a classifier on the known classes; test label 1 for the unknown classes of the "
+           "same dataset",
+}
+NON_CONTENT_PARAMS = frozenset({"download"})  # params that never change what a dataset holds
+
+NormalClass = str | tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets and class resolution
+
+@lru_cache(maxsize=64)
+def _dataset_cached(name: str, params_json: str) -> Dataset:
+    return create_dataset(name, json.loads(params_json))
+
+
+def get_dataset(name: str, params: dict | None = None) -> Dataset:
+    """A validated dataset instance (memoized per process)."""
+    return _dataset_cached(name, json.dumps(params or {}, sort_keys=True))
+
+
+def canonical_params(dataset: Dataset) -> str:
+    """JSON of every param after defaults are filled, minus ones that never change the content."""
+    values = {k: v for k, v in dataset.params.model_dump(mode="json").items() if k not in NON_CONTENT_PARAMS}
+    return json.dumps(values, sort_keys=True, separators=(",", ":"))
+
+
+def _class_name(dataset: str, names: Sequence[str], item) -> str:
+    if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+        if 0 <= item < len(names):
+            return names[item]
+    elif isinstance(item, str) and item in names:
+        return item
+    raise DataError(f"{dataset}: unknown class {item!r}; valid classes (by name, or index 0.."
+                    f"{len(names) - 1}): {', '.join(names)}")
+
+
+def resolve_classes(dataset: str, dataset_params: dict | None, spec) -> list[NormalClass]:
+    """"all" -> every class name; a list of ints (indices), names, or lists of those (class
+    sets, returned as tuples of names in the dataset's class order). Duplicates are dropped."""
+    ds = get_dataset(dataset, dataset_params)
+    names = ds.classes()
+    if isinstance(spec, str) and spec == "all":
+        return list(names)
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    resolved: list[NormalClass] = []
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            if not item:
+                raise DataError(f"{dataset}: an empty class set in classes {spec!r}")
+            members = {_class_name(dataset, names, x) for x in item}
+            value: NormalClass = tuple(sorted(members, key=names.index))
+        else:
+            value = _class_name(dataset, names, item)
+        if value not in resolved:
+            resolved.append(value)
+    if not resolved:
+        raise DataError(f"{dataset}: no classes given")
+    return resolved
+
+
+def class_label(normal_class) -> str:
+    """"bottle", or "0+1+2+3+4" for a class set (the ``normal_class`` of rows)."""
+    if isinstance(normal_class, (list, tuple)):
+        return "+".join(str(c) for c in normal_class)
+    return str(normal_class)
+
+
+# ---------------------------------------------------------------------------------------------
+# building splits
+
+@dataclass
+class Setup:
+    """What every protocol gets: the dataset, its canonical params and the normal classes."""
+
+    name: str
+    ds: Dataset
+    params_json: str
+    protocol: str
+    normal: list[str]      # the normal / in-distribution / known class names
+    label: str             # class_label of the normal class as given
+
+    def normal_ids(self) -> np.ndarray:
+        names = self.ds.classes()
+        return np.asarray([names.index(c) for c in self.normal], dtype=np.int64)
+
+    def reindex(self, targets: np.ndarray) -> np.ndarray:
+        """Original class ids -> position in the normal set (0..K-1), -1 for other classes."""
+        lookup = np.full(len(self.ds.classes()), -1, dtype=np.int64)
+        lookup[self.normal_ids()] = np.arange(len(self.normal))
+        return lookup[targets]
+
+    def split(self, raw: RawData, side: str, labels: np.ndarray, *, loaded: Sequence[str] | None,
+              targets: np.ndarray | None = None, class_names: list[str] | None = None) -> Split:
+        """A Split of ``raw`` (loaded for classes ``loaded``, None = all). Its key names all that
+        decides its content; ``meta["images_key"]`` only what decides its images (e.g. the
+        one_class test images of CIFAR-10 are the same for every normal class)."""
+        meta = dict(raw.meta)
+        files = meta.pop("content_id", None)
+        subset = meta.pop("subset", None)
+        suffix = "".join(f"|{name}={value}" for name, value in (("subset", subset), ("files", files)) if value)
+        loaded_label = "all" if loaded is None else class_label(tuple(loaded))
+        meta.update(dataset=self.name, protocol=self.protocol, normal_class=self.label, side=side,
+                    images_key=f"{self.name}|{self.params_json}|{side}|{loaded_label}{suffix}")
+        split = Split(images=raw.images, labels=np.asarray(labels, dtype=np.int64),
+                      targets=np.asarray(raw.targets if targets is None else targets, dtype=np.int64),
+                      class_names=list(raw.class_names if class_names is None else class_names),
+                      key=f"{self.name}|{self.params_json}|{self.protocol}|{self.label}|{side}{suffix}",
+                      masks=raw.masks, meta=meta)
+        if len(split) == 0:
+            raise DataError(f"{self.name}: the {side} split of {self.protocol} for {self.label!r} is empty")
+        return split
+
+
+def normal_only(raw: RawData) -> RawData:
+    """The images of ``raw`` that are not defect images (per-category anomalies dropped)."""
+    if raw.is_anomalous is None or not raw.is_anomalous.any():
+        return raw
+    keep = np.flatnonzero(~raw.is_anomalous)
+    n = len(raw.targets)
+    meta = {k: take(v, keep) if isinstance(v, (list, np.ndarray)) and len(v) == n else v
+            for k, v in raw.meta.items()}
+    return RawData(images=take(raw.images, keep), targets=raw.targets[keep], class_names=raw.class_names,
+                   masks=None if raw.masks is None else take(raw.masks, keep),
+                   is_anomalous=raw.is_anomalous[keep], meta={**meta, "subset": "normal"})
+
+
+def take(values, index: np.ndarray):
+    """Rows ``index`` of an array, or items of a list."""
+    if isinstance(values, np.ndarray):
+        return values[index]
+    return [values[i] for i in index]
+
+
+def require_both_labels(split: Split, dataset: str) -> Split:
+    present = set(np.unique(split.labels).tolist())
+    if present != {0, 1}:
+        only = "normal" if present == {0} else "anomalous"
+        raise DataError(f"{dataset}: test split {split.meta.get('side')} of {split.meta.get('protocol')} "
+                        f"for {split.meta.get('normal_class')!r} has only {only} images; AUROC needs both")
+    return split
+
+
+def _one_class(setup: Setup, **_) -> tuple[Split, list]:
+    raw_train = setup.ds.load("train", setup.normal)
+    train = setup.split(raw_train, "train", np.zeros(len(raw_train.targets)), loaded=setup.normal)
+    if setup.ds.per_class_anomalies:
+        raw_test = setup.ds.load("test", setup.normal)
+        test = setup.split(raw_test, "test", raw_test.is_anomalous.astype(np.int64), loaded=setup.normal)
+    else:
+        raw_test = setup.ds.load("test")
+        labels = ~np.isin(raw_test.targets, setup.normal_ids())
+        test = setup.split(raw_test, "test", labels, loaded=None)
+    return train, [(None, require_both_labels(test, setup.name))]
+
+
+def _unified(setup: Setup, **_) -> tuple[Split, list]:
+    if not setup.ds.per_class_anomalies:
+        raise DataError(f"{setup.name}: the unified protocol needs a dataset whose categories hold their "
+                        f"own anomalies (mvtec, synthetic, folder); use one_class with a class set instead")
+    raw_train = setup.ds.load("train", setup.normal)
+    train = setup.split(raw_train, "train", np.zeros(len(raw_train.targets)), loaded=setup.normal)
+    tests = []
+    for category in setup.normal:
+        raw = setup.ds.load("test", [category])
+        split = setup.split(raw, f"test:{category}", raw.is_anomalous.astype(np.int64), loaded=[category])
+        tests.append((category, require_both_labels(split, setup.name)))
+    return train, tests
+
+
+def _ood(setup: Setup, *, ood: list[str] | None, ood_params: dict | None, **_) -> tuple[Split, list]:
+    if not ood:
+        raise DataError(f"{setup.name}: the ood protocol needs at least one OOD dataset (`ood: [...]`)")
+    ood_params = ood_params or {}
+    stray = sorted(set(ood_params) - set(ood))
+    if stray:
+        raise DataError(f"ood_params names {stray}, which are not in the OOD datasets {ood}")
+    if setup.name in ood:
+        raise DataError(f"{setup.name}: a dataset cannot be its own OOD set")
+    raw_train = setup.ds.load("train", setup.normal)
+    train = setup.split(raw_train, "train", np.zeros(len(raw_train.targets)), loaded=setup.normal,
+                        targets=setup.reindex(raw_train.targets), class_names=setup.normal)
+    raw_test = normal_only(setup.ds.load("test", setup.normal))
+    id_test = setup.split(raw_test, "test", np.zeros(len(raw_test.targets)), loaded=setup.normal,
+                          targets=setup.reindex(raw_test.targets), class_names=setup.normal)
+    if not isinstance(id_test.images, np.ndarray):
+        raise DataError(f"{setup.name}: the ood protocol needs in-distribution images of one size")
+    _, height, width, channels = id_test.images.shape
+    n_id = len(id_test)
+    tests = []
+    for ood_name in ood:
+        params = ood_params.get(ood_name) or {}
+        ood_images, ood_files = _ood_images(ood_name, json.dumps(params, sort_keys=True), height, width, channels)
+        n_ood = len(ood_images)
+        extra = f"|ood={ood_name}|{canonical_params(get_dataset(ood_name, params))}"
+        extra += f"|ood_files={ood_files}" if ood_files else ""
+        tests.append((ood_name, Split(
+            images=np.concatenate([id_test.images, ood_images]),
+            labels=np.concatenate([np.zeros(n_id, np.int64), np.ones(n_ood, np.int64)]),
+            targets=np.concatenate([id_test.targets, np.full(n_ood, -1, np.int64)]),
+            class_names=list(setup.normal),
+            key=id_test.key + extra,
+            meta={"dataset": setup.name, "protocol": setup.protocol, "normal_class": setup.label,
+                  "side": f"test:{ood_name}", "ood_set": ood_name,
+                  "images_key": id_test.meta["images_key"] + extra},
+        )))
+    return train, tests
+
+
+def _osr(setup: Setup, **_) -> tuple[Split, list]:
+    if setup.ds.per_class_anomalies:
+        raise DataError(f"{setup.name}: the osr protocol needs a classification dataset, not one with "
+                        f"per-category defects")
+    if len(setup.normal) == len(setup.ds.classes()):
+        raise DataError(f"{setup.name}: osr needs a known class set smaller than all classes "
+                        f"(classes: [[...known...]])")
+    raw_train = setup.ds.load("train", setup.normal)
+    train = setup.split(raw_train, "train", np.zeros(len(raw_train.targets)), loaded=setup.normal,
+                        targets=setup.reindex(raw_train.targets), class_names=setup.normal)
+    raw_test = setup.ds.load("test")
+    targets = setup.reindex(raw_test.targets)
+    test = setup.split(raw_test, "test", targets < 0, loaded=None, targets=targets, class_names=setup.normal)
+    return train, [(None, require_both_labels(test, setup.name))]
+
+
+PROTOCOL_BUILDERS: dict[str, Callable[..., tuple[Split, list]]] = {
+    "one_class": _one_class, "unified": _unified, "ood": _ood, "osr": _osr,
+}
+
+
+@lru_cache(maxsize=8)
+def _ood_images(name: str, params_json: str, height: int, width: int, channels: int) -> tuple[np.ndarray, str | None]:
+    """An OOD dataset's test images converted to the ID size and channels (memoized)."""
+    raw = get_dataset(name, json.loads(params_json)).load("test")
+    images = convert_images(raw.images, height, width, channels)
+    images.setflags(write=False)
+    return images, raw.meta.get("content_id")
+
+
+def convert_images(images, height: int, width: int, channels: int, batch: int = 512) -> np.ndarray:
+    """uint8 images (N×H×W×C array or list) -> N×height×width×channels uint8: colour -> grey by
+    the channel mean, grey -> colour by repetition, then bilinear (antialiased) resizing."""
+    groups = ([images[i:i + batch] for i in range(0, len(images), batch)]
+              if isinstance(images, np.ndarray) else [np.asarray(img)[None] for img in images])
+    out = np.empty((len(images), height, width, channels), dtype=np.uint8)
+    start = 0
+    for group in groups:
+        x = torch.from_numpy(np.array(group, dtype=np.float32)).permute(0, 3, 1, 2)
+        if x.shape[1] != channels:
+            x = x.mean(dim=1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+        if x.shape[-2:] != (height, width):
+            x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        out[start:start + len(x)] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        start += len(x)
+    return out
+
+
+def _normal_names(dataset: str, names: Sequence[str], normal_class) -> tuple[list[str], str]:
+    if isinstance(normal_class, str) and normal_class == "all":
+        return list(names), "all"
+    if isinstance(normal_class, (list, tuple)):
+        members = {_class_name(dataset, names, c) for c in normal_class}
+        ordered = sorted(members, key=names.index)
+        if not ordered:
+            raise DataError(f"{dataset}: empty normal class set")
+        return ordered, class_label(tuple(ordered))
+    name = _class_name(dataset, names, normal_class)
+    return [name], name
+
+
+def make_splits(dataset: str, dataset_params: dict | None, protocol: str, normal_class, *,
+                ood: list[str] | None = None, ood_params: dict | None = None,
+                seed: int = 0) -> tuple[Split, list[tuple[str | None, Split]]]:
+    """(train split, [(test name, test split), ...]) for one cell. ``normal_class``: a name, an
+    index, a tuple of those, or "all". ``ood_params`` maps an OOD dataset name to its params.
+    ``seed`` is unused: no protocol subsamples."""
+    if protocol not in PROTOCOL_BUILDERS:
+        raise DataError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    ds = get_dataset(dataset, dataset_params)
+    normal, label = _normal_names(dataset, ds.classes(), normal_class)
+    setup = Setup(name=dataset, ds=ds, params_json=canonical_params(ds), protocol=protocol,
+                  normal=normal, label=label)
+    return PROTOCOL_BUILDERS[protocol](setup, ood=ood, ood_params=ood_params, seed=seed)
+
+
+def clear_memo() -> None:
+    """Forget memoized datasets, reads and OOD conversions (tests; files changed in-process)."""
+    from data.datasets._arrays import clear_memo as clear_reads
+    _dataset_cached.cache_clear()
+    _ood_images.cache_clear()
+    clear_reads()
