@@ -5,6 +5,7 @@ and returns plain dicts in the store's row schema (see orchestrator/store.py).
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -53,6 +54,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@functools.lru_cache(maxsize=1)
 def library_versions() -> dict:
     import importlib.metadata as md
 
@@ -164,8 +166,8 @@ def run_cell(cell: Cell, *, run_id: str = "", attempt: int = 1, device: str = "c
                 cell_id=cell.row_id(subkey), status="ok", metric_variants=canonical(variants),
                 category=subkey if cell.protocol == "unified" else None,
                 ood_set=subkey if cell.protocol == "ood" else None,
-                labels=np.asarray(test.labels).astype(np.int8).tolist(),
-                image_scores=np.asarray(scores.image, dtype=np.float64).tolist(),
+                labels=np.asarray(test.labels).astype(np.int8),
+                image_scores=np.asarray(scores.image, dtype=np.float64),
                 sample_maps=sample_maps_blob(test, scores, masks_small, method.transform),
                 fit_s=fit_s, score_s=score_s, n_train=len(train), n_test=len(test))
             rows.append(row)

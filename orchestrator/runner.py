@@ -24,6 +24,7 @@ from orchestrator.store import RowStore
 DEFAULT_NODE_IP = "127.0.0.2"
 DEFAULT_CACHE_BYTES = 4 << 30
 POLL_S = 0.25
+PIPELINE = 2  # cells in flight per worker: the next one waits in the actor's queue
 
 
 def git_sha(repo: Path | None = None) -> str | None:
@@ -65,14 +66,22 @@ def start_ray(address: str | None = None, node_ip: str = DEFAULT_NODE_IP, num_cp
 
 
 @dataclass
+class Task:
+    """A cell sent to a worker. ``started`` is when the worker could begin it: its dispatch, or,
+    queued behind another cell, the moment that one finished (the timeout clock)."""
+
+    ref: object
+    cell: Cell
+    attempt: int
+    started: float | None
+
+
+@dataclass
 class Slot:
-    """A worker actor and what it is doing."""
+    """A worker actor, the cells sent to it (in order), and the data groups it has warm."""
 
     handle: object
-    ref: object = None
-    cell: Cell | None = None
-    attempt: int = 0
-    started: float = 0.0
+    tasks: deque = field(default_factory=deque)
     warm: set = field(default_factory=set)
 
 
@@ -198,66 +207,72 @@ class Runner:
         bar = tqdm(total=len(self.cells), unit="cell", disable=not self.progress, dynamic_ncols=True,
                    file=sys.stdout, mininterval=0.5)
 
-        def show():
-            s = self.summary
-            running = sum(1 for sl in slots if sl.ref is not None)
-            bar.set_postfix_str(f"ok={s.ok} failed={s.failed + s.timeout} running={running}", refresh=False)
-
-        def finish(slot: Slot):
-            slot.ref, slot.cell = None, None
-            bar.update(1)
+        def requeue(cell: Cell, attempt: int) -> None:
+            queues.setdefault(affinity(cell), deque()).appendleft((cell, attempt))
 
         def replace(slot: Slot) -> None:
+            """Kill the worker, start a fresh one; the cells still queued on it go back (the
+            caller has taken the lost or timed-out cell off the slot already)."""
             try:
                 ray.kill(slot.handle, no_restart=True)
             except Exception:
                 pass
-            fresh = self._new_worker(opts)
-            slot.handle, slot.warm = fresh.handle, set()
+            for queued in reversed(slot.tasks):
+                requeue(queued.cell, queued.attempt)
+            slot.tasks.clear()
+            slot.handle, slot.warm = self._new_worker(opts).handle, set()
+
+        def done(slot: Slot, cell: Cell, rows: list[dict], started: float) -> None:
+            self._record(cell, rows)
+            self.latencies.append((time.perf_counter() - started, rows[0].get("total_s") or 0.0))
+            bar.update(1)
 
         try:
             while True:
+                # keep PIPELINE cells per worker, so a worker never waits for the driver
                 for slot in slots:
-                    if slot.ref is None:
+                    while len(slot.tasks) < PIPELINE:
                         nxt = self._next_cell(slot, queues, taken)
-                        if nxt is not None:
-                            slot.cell, slot.attempt = nxt
-                            slot.ref = slot.handle.run.remote(slot.cell.to_dict(), self.run_id, slot.attempt)
-                            slot.started = time.perf_counter()
-                busy = [s for s in slots if s.ref is not None]
+                        if nxt is None:
+                            break
+                        cell, attempt = nxt
+                        ref = slot.handle.run.remote(cell.to_dict(), self.run_id, attempt)
+                        slot.tasks.append(Task(ref, cell, attempt, None if slot.tasks else time.perf_counter()))
+                busy = [sl for sl in slots if sl.tasks]
                 if not busy:
                     break
-                show()
-                ready, _ = ray.wait([s.ref for s in busy], num_returns=1, timeout=POLL_S)
+                s = self.summary
+                bar.set_postfix_str(f"ok={s.ok} failed={s.failed + s.timeout} running={len(busy)}", refresh=False)
+                ready, _ = ray.wait([sl.tasks[0].ref for sl in busy], num_returns=1, timeout=POLL_S)
                 ready_set = set(ready)
                 for slot in busy:
-                    if slot.ref in ready_set:
-                        cell, attempt = slot.cell, slot.attempt
+                    head = slot.tasks[0]
+                    if head.ref in ready_set:
+                        slot.tasks.popleft()
+                        if slot.tasks:
+                            slot.tasks[0].started = time.perf_counter()
                         try:
-                            rows = ray.get(slot.ref)
+                            rows = ray.get(head.ref)
                         except RayActorError as e:
                             replace(slot)
-                            if attempt < self.max_attempts:
+                            if head.attempt < self.max_attempts:
                                 self.summary.retried += 1
-                                queues.setdefault(affinity(cell), deque()).appendleft((cell, attempt + 1))
-                                slot.ref, slot.cell = None, None
+                                requeue(head.cell, head.attempt + 1)
                                 continue
-                            rows = [failure_row(cell, self.run_id, attempt, "failed",
-                                                f"worker died {attempt} time(s) (max attempts "
+                            rows = [failure_row(head.cell, self.run_id, head.attempt, "failed",
+                                                f"worker died {head.attempt} time(s) (max attempts "
                                                 f"{self.max_attempts}): {type(e).__name__}: {str(e)[:500]}")]
                         except RayTaskError as e:
-                            rows = [failure_row(cell, self.run_id, attempt, "failed",
+                            rows = [failure_row(head.cell, self.run_id, head.attempt, "failed",
                                                 f"{type(e).__name__}: {str(e)[:2000]}")]
-                        self._record(cell, rows)
-                        self.latencies.append((time.perf_counter() - slot.started, rows[0].get("total_s") or 0.0))
-                        finish(slot)
-                    elif self.cell_timeout and time.perf_counter() - slot.started > self.cell_timeout:
-                        cell = slot.cell
+                        done(slot, head.cell, rows, head.started)
+                    elif self.cell_timeout and time.perf_counter() - head.started > self.cell_timeout:
+                        slot.tasks.popleft()
                         replace(slot)
-                        self._record(cell, [failure_row(
-                            cell, self.run_id, slot.attempt, "timeout",
-                            f"cell exceeded --cell-timeout {self.cell_timeout:g}s and was cancelled")])
-                        finish(slot)
+                        done(slot, head.cell, [failure_row(
+                            head.cell, self.run_id, head.attempt, "timeout",
+                            f"cell exceeded --cell-timeout {self.cell_timeout:g}s and was cancelled")],
+                            head.started)
         except KeyboardInterrupt:
             bar.close()
             print(f"\ninterrupted: {self.summary.ok + self.summary.failed + self.summary.timeout} "

@@ -48,6 +48,13 @@ SCHEMA = pa.schema(
 COLUMNS = SCHEMA.names
 
 
+def _plain(value):
+    """numpy arrays (labels, scores) -> lists, numpy scalars -> Python, for pyarrow's row builder."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
 class RowStore:
     """The rows of one run. Files are named by the cell's id (``<base_cell_id>.parquet``)."""
 
@@ -80,7 +87,7 @@ class RowStore:
         target = self.path(cell_id)
         if target.exists() and not overwrite:
             return False
-        table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)
+        table = pa.Table.from_pylist([{c: _plain(r.get(c)) for c in COLUMNS} for r in rows], schema=SCHEMA)
         tmp = self.rows_dir / f".{cell_id}.{uuid.uuid4().hex}.tmp"
         pq.write_table(table, tmp)
         with open(tmp, "rb") as fh:

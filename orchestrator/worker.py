@@ -38,10 +38,11 @@ class Worker:
         from orchestrator.grid import Cell
 
         cell = Cell.from_dict(cell_dict)
-        self.log.info("cell %s start (attempt %d)", cell.describe(), attempt)
+        self.log.debug("cell %s start (attempt %d)", cell.describe(), attempt)
         rows = run_cell(cell, run_id=run_id, attempt=attempt, device=self.device, cache=self.cache,
                         log=self.log.getChild(cell.method))
         for row in rows:
             row.update(node_ip=self.node_ip, node_id=self.node_id)
-        self.log.info("cell %s %s in %.2fs", cell.cell_id, rows[0]["status"], rows[0]["total_s"])
+        self.log.info("cell %s %s in %.2fs (attempt %d)", cell.describe(), rows[0]["status"],
+                      rows[0]["total_s"], attempt)
         return rows
