@@ -24,7 +24,9 @@ from orchestrator.store import RowStore
 DEFAULT_NODE_IP = "127.0.0.2"
 DEFAULT_CACHE_BYTES = 4 << 30
 POLL_S = 0.25
-PIPELINE = 2  # cells in flight per worker: the next one waits in the actor's queue
+PIPELINE = 2  # cells in flight per worker: the next one waits in the actor's queue ...
+PIPELINE_BELOW_S = 2.0  # ... but only after the worker's last cell took less than this: for
+# short cells the driver's round trip matters; long cells stay free for any idle worker.
 
 
 def git_sha(repo: Path | None = None) -> str | None:
@@ -83,6 +85,13 @@ class Slot:
     handle: object
     tasks: deque = field(default_factory=deque)
     warm: set = field(default_factory=set)
+    booting: object = None  # ref of info() while a replacement worker starts
+    last_cell_s: float = float("inf")
+
+    def depth(self) -> int:
+        if self.booting is not None:
+            return 0
+        return PIPELINE if self.last_cell_s < PIPELINE_BELOW_S else 1
 
 
 @dataclass
@@ -221,6 +230,7 @@ class Runner:
                 requeue(queued.cell, queued.attempt)
             slot.tasks.clear()
             slot.handle, slot.warm = self._new_worker(opts).handle, set()
+            slot.booting, slot.last_cell_s = slot.handle.info.remote(), float("inf")
 
         def done(slot: Slot, cell: Cell, rows: list[dict], started: float) -> None:
             self._record(cell, rows)
@@ -229,21 +239,28 @@ class Runner:
 
         try:
             while True:
-                # keep PIPELINE cells per worker, so a worker never waits for the driver
-                for slot in slots:
-                    while len(slot.tasks) < PIPELINE:
-                        nxt = self._next_cell(slot, queues, taken)
-                        if nxt is None:
-                            break
-                        cell, attempt = nxt
-                        ref = slot.handle.run.remote(cell.to_dict(), self.run_id, attempt)
-                        slot.tasks.append(Task(ref, cell, attempt, None if slot.tasks else time.perf_counter()))
+                booting = [sl for sl in slots if sl.booting is not None]
+                if booting:  # a replacement worker's start-up does not count against a cell
+                    up, _ = ray.wait([sl.booting for sl in booting], num_returns=len(booting), timeout=0)
+                    for slot in booting:
+                        if slot.booting in up:
+                            slot.booting = None
+                # every idle worker gets a cell before any worker gets a second one
+                for depth in range(1, PIPELINE + 1):
+                    for slot in slots:
+                        if len(slot.tasks) < min(depth, slot.depth()):
+                            nxt = self._next_cell(slot, queues, taken)
+                            if nxt is not None:
+                                cell, attempt = nxt
+                                ref = slot.handle.run.remote(cell.to_dict(), self.run_id, attempt)
+                                slot.tasks.append(Task(ref, cell, attempt, None if slot.tasks else time.perf_counter()))
                 busy = [sl for sl in slots if sl.tasks]
-                if not busy:
+                if not busy and not any(queues.values()):
                     break
                 s = self.summary
                 bar.set_postfix_str(f"ok={s.ok} failed={s.failed + s.timeout} running={len(busy)}", refresh=False)
-                ready, _ = ray.wait([sl.tasks[0].ref for sl in busy], num_returns=1, timeout=POLL_S)
+                waiting = [sl.tasks[0].ref for sl in busy] + [sl.booting for sl in slots if sl.booting is not None]
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=POLL_S)
                 ready_set = set(ready)
                 for slot in busy:
                     head = slot.tasks[0]
@@ -265,6 +282,7 @@ class Runner:
                         except RayTaskError as e:
                             rows = [failure_row(head.cell, self.run_id, head.attempt, "failed",
                                                 f"{type(e).__name__}: {str(e)[:2000]}")]
+                        slot.last_cell_s = max((r.get("total_s") or 0.0) for r in rows)
                         done(slot, head.cell, rows, head.started)
                     elif self.cell_timeout and time.perf_counter() - head.started > self.cell_timeout:
                         slot.tasks.popleft()

@@ -116,10 +116,11 @@ def test_corrupt_row_file_is_treated_as_not_done(tmp_path):
     assert store.clean_temporaries() == 1
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["sigkill", "ctrl-c"])
 def test_resume_after_the_driver_is_killed(tmp_path, sig):
     """Kill the driver mid-grid; the same command then runs only the cells without a row."""
-    path = write_grid(tmp_path / "g.yaml", grid_text("resume", "- name: noop\n  params: {sleep_s: 1.0}\n",
+    path = write_grid(tmp_path / "g.yaml", grid_text("resume", "- name: noop\n  params: {sleep_s: 0.7}\n",
                                                       classes="[0, 1, 2, 3, 4]", seeds="[0, 1]"))
     results = tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "bench.py"), str(path), "--results", str(results), "--quiet",
