@@ -60,5 +60,239 @@ def main() -> None:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
+
+# ---------------------------------------------------------------------------------------------
+# FastFlow: this implementation against anomalib's own FastFlow, on one procedural category
+#     python benchmarks/methods.py --fastflow-vs-anomalib [--category weave] [--epochs 10] [--seeds 0 1]
+import time  # noqa: E402
+
+ANOMALIB_PYTHON = os.environ.get("ADGRID_ANOMALIB_PYTHON", "/work/venv-anomalib/bin/python")
+# Matched settings: the paper's ResNet18 flow (8 steps, hidden ratio 1, 3x3 convolutions only),
+# the reference optimiser (Adam 1e-3, weight decay 1e-5), batch 32, a random-init backbone (no
+# download), 64 px, on a category whose train set is a multiple of the batch (anomalib keeps the
+# last partial batch, the FastFlow reference drops it: with n_train % 32 == 0 both take the same steps).
+FASTFLOW_MATCHED = dict(backbone="resnet18", pretrained=False, image_size=64, flow_steps=8, hidden_ratio=1.0,
+                        conv3x3_only=True, batch_size=32, lr=1e-3, weight_decay=1e-5)
+FASTFLOW_DATA = dict(image_size=64, n_train=64, n_test_good=16, n_test_defect=24)
+
+# Runs in anomalib's environment: MVTecAD datamodule on the category's folder (MVTec layout), anomalib's
+# Fastflow with the same settings, Engine.fit then Engine.test; per-epoch validation is off (this side
+# does not validate either) and the visualizer is off (no images written on this side either).
+ANOMALIB_FASTFLOW_SCRIPT = r'''
+import json, logging, os, sys, tempfile, time, warnings
+t0 = time.perf_counter()
+cfg = json.loads(sys.argv[1])
+import torch
+torch.set_num_threads(cfg["threads"])
+logging.disable(logging.WARNING)
+warnings.filterwarnings("ignore")
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from anomalib.models import Fastflow
+from lightning.pytorch import seed_everything
+import_s = time.perf_counter() - t0
+seed_everything(cfg["seed"], workers=True)
+dm = MVTecAD(root=cfg["root"], category=cfg["category"], train_batch_size=cfg["batch_size"],
+             eval_batch_size=cfg["batch_size"], num_workers=0)
+model = Fastflow(backbone=cfg["backbone"], pre_trained=False, flow_steps=cfg["flow_steps"],
+                 conv3x3_only=cfg["conv3x3_only"], hidden_ratio=cfg["hidden_ratio"],
+                 pre_processor=Fastflow.configure_pre_processor((cfg["image_size"], cfg["image_size"])),
+                 visualizer=False)
+with tempfile.TemporaryDirectory() as tmp:
+    engine = Engine(max_epochs=cfg["epochs"], accelerator="cpu", devices=1, logger=False, default_root_dir=tmp,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                    num_sanity_val_steps=0)
+    t = time.perf_counter()
+    engine.fit(model=model, datamodule=dm)
+    fit_s = time.perf_counter() - t
+    t = time.perf_counter()
+    result = engine.test(model=model, datamodule=dm, verbose=False)[0]
+    test_s = time.perf_counter() - t
+print("ANOMALIB_RESULT " + json.dumps({
+    "fit_s": fit_s, "score_s": test_s, "import_s": import_s, "process_s": time.perf_counter() - t0,
+    "image_auroc": float(result.get("image_AUROC", float("nan"))),
+    "pixel_auroc": float(result.get("pixel_AUROC", float("nan"))),
+    "versions": {"anomalib": __import__("anomalib").__version__, "torch": torch.__version__}}))
+'''
+
+
+def anomalib_available(python: str = ANOMALIB_PYTHON) -> bool:
+    import subprocess
+
+    if not os.path.exists(python):
+        return False
+    probe = subprocess.run([python, "-c", "import anomalib, FrEIA"], capture_output=True, timeout=300)
+    return probe.returncode == 0
+
+
+def run_anomalib_fastflow(root: str, category: str, epochs: int, seed: int, threads: int,
+                          python: str = ANOMALIB_PYTHON) -> dict:
+    import json
+    import subprocess
+
+    keys = ("backbone", "image_size", "flow_steps", "hidden_ratio", "conv3x3_only", "batch_size")
+    cfg = {**{k: FASTFLOW_MATCHED[k] for k in keys}, "root": root, "category": category, "epochs": epochs,
+           "seed": seed, "threads": threads}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t = time.perf_counter()
+    proc = subprocess.run([python, "-c", ANOMALIB_FASTFLOW_SCRIPT, json.dumps(cfg)], capture_output=True,
+                          text=True, env=env, timeout=3600)
+    wall = time.perf_counter() - t
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ANOMALIB_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"anomalib FastFlow failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = json.loads(lines[-1][len("ANOMALIB_RESULT "):])
+    out["subprocess_s"] = wall
+    return out
+
+
+def run_adgrid_fastflow(category: str, epochs: int, seed: int) -> dict:
+    from orchestrator.cell import run_cell
+    from orchestrator.grid import Cell
+
+    cell = Cell(method="fastflow", params={**FASTFLOW_MATCHED, "epochs": epochs}, dataset="synthetic",
+                dataset_params={**FASTFLOW_DATA, "categories": [category]}, protocol="one_class",
+                normal_class=category, seed=seed)
+    row = run_cell(cell)[0]
+    if row["status"] != "ok":
+        raise RuntimeError(f"adgrid FastFlow failed: {row['error']}\n{row.get('traceback', '')}")
+    return {"fit_s": row["fit_s"], "score_s": row["score_s"], "total_s": row["total_s"],
+            "peak_rss_MiB": row["peak_rss_bytes"] / 2**20, "image_auroc": row["image_auroc"],
+            "pixel_auroc": row["pixel_auroc"]}
+
+
+def fastflow_vs_anomalib(category: str = "weave", epochs: int = 10, seeds: tuple[int, ...] = (0,),
+                         threads: int = 1) -> "pd.DataFrame | None":
+    """Fit + score wall time and AUROC of this FastFlow and anomalib's on one synthetic category at
+    matched settings (FASTFLOW_MATCHED), each seed run by both, alternating. Prints the ratio
+    (target: ours <= 0.8x anomalib's fit + score seconds, image AUROC within 0.03)."""
+    import pandas as pd
+    import torch
+
+    from data.protocols import get_dataset, make_splits
+
+    if not anomalib_available():
+        print(f"anomalib not found at {ANOMALIB_PYTHON} (set ADGRID_ANOMALIB_PYTHON): comparison skipped")
+        return None
+    torch.set_num_threads(threads)
+    params = {**FASTFLOW_DATA, "categories": [category]}
+    make_splits("synthetic", params, "one_class", category)  # writes the PNG folder if missing
+    root = str(get_dataset("synthetic", params).root())
+    print(f"FastFlow vs anomalib on {root}/{category} ({FASTFLOW_DATA['n_train']} train images), "
+          f"{epochs} epochs, {threads} thread(s), settings {FASTFLOW_MATCHED}", flush=True)
+    records = []
+    for seed in seeds:
+        ours = run_adgrid_fastflow(category, epochs, seed)
+        theirs = run_anomalib_fastflow(root, category, epochs, seed, threads)
+        for impl, r in (("adgrid", ours), ("anomalib", theirs)):
+            records.append({"impl": impl, "seed": seed, "fit_s": r["fit_s"], "score_s": r["score_s"],
+                            "fit_score_s": r["fit_s"] + r["score_s"],
+                            "process_s": r.get("process_s", r.get("total_s")),
+                            "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"]})
+        print(f"  seed {seed}: adgrid {ours['fit_s'] + ours['score_s']:.1f}s auroc {ours['image_auroc']:.3f}"
+              f" | anomalib {theirs['fit_s'] + theirs['score_s']:.1f}s auroc {theirs['image_auroc']:.3f}"
+              f" (import {theirs['import_s']:.1f}s)", flush=True)
+    table = pd.DataFrame.from_records(records)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    mean = table.groupby("impl")[["fit_score_s", "image_auroc", "pixel_auroc"]].mean()
+    ratio = mean.loc["adgrid", "fit_score_s"] / mean.loc["anomalib", "fit_score_s"]
+    gap = mean.loc["adgrid", "image_auroc"] - mean.loc["anomalib", "image_auroc"]
+    print(f"wall-time ratio adgrid/anomalib (fit + score): {ratio:.2f}x (target <= 0.80: "
+          f"{'met' if ratio <= 0.8 else 'NOT met'}); image AUROC adgrid - anomalib: {gap:+.3f} "
+          f"(target |gap| <= 0.03: {'met' if abs(gap) <= 0.03 else 'NOT met'})")
+    return table
+
+
+def fastflow_main() -> None:
+    p = argparse.ArgumentParser(description="FastFlow: adgrid vs anomalib on a synthetic category")
+    p.add_argument("--fastflow-vs-anomalib", action="store_true")
+    p.add_argument("--category", default="weave")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    fastflow_vs_anomalib(args.category, args.epochs, tuple(args.seeds), args.threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# OOD / open-set methods on digits: per-method cost, and a grid of all six with the shared
+# classifier against one training per method
+#     python benchmarks/methods.py --ood [--grid grids/demo.yaml] [--repeats 1] [--threads 1]
+OOD_METHODS = ("msp", "gram", "openmax", "mos", "conf_branch", "vos")
+
+
+def ood_cost(grid_path: str, threads: int = 1, repeats: int = 1) -> "tuple[pd.DataFrame, pd.DataFrame]":
+    """For each digits cell of the grid with protocol ood or osr: the six OOD methods run in this
+    process through run_cell, one after another, (a) each with its own empty cache (every method
+    trains what it needs: fit_s / score_s per method, and the grid's total) and (b) with one
+    ArtifactCache shared by the six cells, as one worker runs them (msp, gram, openmax and mos take
+    one classifier). Returns (per-method table, grid totals)."""
+    import time
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from data.protocols import make_splits
+    from methods.base import ArtifactCache
+    from orchestrator.cell import run_cell
+    from orchestrator.config import load_grid
+    from orchestrator.grid import expand
+
+    torch.set_num_threads(threads)
+    cells = [c for c in expand(load_grid(grid_path)).cells
+             if c.dataset == "digits" and c.protocol in ("ood", "osr") and c.method in OOD_METHODS]
+    groups: dict = {}
+    for c in cells:
+        groups.setdefault((c.protocol, c.class_label, c.seed, c.ood), []).append(c)
+    per_method, totals = [], []
+    for (protocol, label, seed, ood), group in groups.items():
+        group.sort(key=lambda c: OOD_METHODS.index(c.method))
+        first = group[0]
+        make_splits(first.dataset, first.dataset_params, protocol, first.normal_class, ood=list(ood) or None,
+                    ood_params=first.ood_params)   # data read and OOD conversion memoised before timing
+        for rep in range(repeats):
+            for mode in ("per_method", "shared"):
+                shared = ArtifactCache() if mode == "shared" else None
+                t0 = time.perf_counter()
+                for cell in group:
+                    rows = run_cell(cell, cache=shared if shared is not None else ArtifactCache(0))
+                    row = rows[0]
+                    if row["status"] != "ok":
+                        raise RuntimeError(f"{cell.method} failed: {row['error']}")
+                    if mode == "per_method":
+                        per_method.append({"protocol": protocol, "ood": ",".join(ood) or "-", "method": cell.method,
+                                           "repeat": rep, "fit_s": row["fit_s"],
+                                           "score_s": sum(r["score_s"] for r in rows),
+                                           "image_auroc": float(np.mean([r["image_auroc"] for r in rows])),
+                                           "accuracy": row["accuracy"]})
+                totals.append({"protocol": protocol, "ood": ",".join(ood) or "-", "mode": mode, "repeat": rep,
+                               "cells": len(group), "grid_s": time.perf_counter() - t0})
+                print(f"  {protocol:<4} {mode:<10} repeat {rep}: {totals[-1]['grid_s']:.1f}s", flush=True)
+    return pd.DataFrame.from_records(per_method), pd.DataFrame.from_records(totals)
+
+
+def ood_main() -> None:
+    p = argparse.ArgumentParser(description="OOD methods on digits: fit/score seconds; shared vs per-method classifier")
+    p.add_argument("--ood", action="store_true")
+    p.add_argument("--grid", default=str(Path(__file__).resolve().parents[1] / "grids" / "demo.yaml"))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    methods_table, totals = ood_cost(args.grid, args.threads, args.repeats)
+    fmt = lambda v: f"{v:.3f}"  # noqa: E731
+    print(methods_table.groupby(["protocol", "ood", "method"], sort=False)[["fit_s", "score_s", "image_auroc", "accuracy"]]
+          .median().reset_index().to_string(index=False, float_format=fmt))
+    grid = totals.groupby(["protocol", "ood", "mode"], sort=False)["grid_s"].median().unstack("mode")
+    grid["speed-up"] = grid["per_method"] / grid["shared"]
+    print("\ngrid of the six methods, seconds (median over repeats):")
+    print(grid.reset_index().to_string(index=False, float_format=fmt))
+
+
 if __name__ == "__main__":
-    main()
+    if "--ood" in sys.argv[1:]:
+        ood_main()
+    elif "--fastflow-vs-anomalib" in sys.argv[1:]:
+        fastflow_main()
+    else:
+        main()
