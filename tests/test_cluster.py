@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -44,12 +45,16 @@ def ray_bin() -> str:
 
 @pytest.fixture
 def two_node_cluster(tmp_path):
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    # as with an activated virtual environment: `python` in a job's entrypoint is this one
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     port, dash = free_port(), free_port()
+    # Ray's socket paths must stay under the 107-byte Unix limit: pytest's tmp_path is too deep
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     head = subprocess.Popen(
         [ray_bin(), "start", "--head", "--block", "--node-ip-address=127.0.0.2", f"--port={port}",
          "--num-cpus=1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={tmp_path / 'ray'}"],
+         f"--temp-dir={ray_tmp}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.2:{port}"
     deadline = time.time() + 120
@@ -58,15 +63,21 @@ def two_node_cluster(tmp_path):
         if ok.returncode == 0:
             break
         time.sleep(1)
+    else:
+        pytest.fail("the head node did not start within 120 s")
+    node_log = open(tmp_path / "node.log", "w")
     node = subprocess.Popen(
         [ray_bin(), "start", "--block", "--node-ip-address=127.0.0.3", f"--address={address}", "--num-cpus=1"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env, start_new_session=True, stdout=node_log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:
         status = subprocess.run([ray_bin(), "status", f"--address={address}"], env=env, capture_output=True, text=True)
-        if status.stdout.count("node_") >= 2 or "2.0 CPU" in status.stdout or "0.0/2.0 CPU" in status.stdout:
+        if "/2.0 CPU" in status.stdout:
             break
         time.sleep(1)
+    else:
+        pytest.fail("the second node did not join the cluster within 120 s:\n" + status.stdout + status.stderr
+                    + (tmp_path / "node.log").read_text()[-3000:])
     yield address, f"http://127.0.0.1:{dash}", env
     for proc in (node, head):
         try:
@@ -74,6 +85,21 @@ def two_node_cluster(tmp_path):
             proc.wait(timeout=30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def run_or_fail(cmd: list[str], env: dict, cwd: Path, timeout: float = 420) -> str:
+    """Run a command; on a non-zero exit or a timeout, fail with everything it printed."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{proc.communicate()[0]}")
+    if proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n{out}")
+    return out
 
 
 def assert_rows_from_both_nodes(rows_dir: Path) -> None:
@@ -86,10 +112,8 @@ def assert_rows_from_both_nodes(rows_dir: Path) -> None:
 def test_grid_over_address_uses_both_nodes(two_node_cluster, tmp_path):
     address, _, env = two_node_cluster
     grid = write_grid(tmp_path / "g.yaml", textwrap.dedent(GRID))
-    out = subprocess.run([sys.executable, str(ROOT / "bench.py"), str(grid), "--address", address,
-                          "--results", str(tmp_path / "results"), "--quiet", "--no-report"],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
+    run_or_fail([sys.executable, str(ROOT / "bench.py"), str(grid), "--address", address,
+                 "--results", str(tmp_path / "results"), "--quiet", "--no-report"], env, tmp_path)
     assert_rows_from_both_nodes(tmp_path / "results" / "cluster" / "rows")
 
 
@@ -99,8 +123,6 @@ def test_ray_job_submit(two_node_cluster, tmp_path):
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "results", ".venv", "__pycache__"))
     grid = write_grid(work / "g.yaml", textwrap.dedent(GRID))
     results = tmp_path / "results"
-    out = subprocess.run([ray_bin(), "job", "submit", f"--address={dashboard}", "--working-dir", str(work), "--",
-                          "python", "bench.py", grid.name, "--results", str(results), "--quiet", "--no-report"],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=work)
-    assert out.returncode == 0, out.stdout + out.stderr
+    run_or_fail([ray_bin(), "job", "submit", f"--address={dashboard}", "--working-dir", str(work), "--",
+                 "python", "bench.py", grid.name, "--results", str(results), "--quiet", "--no-report"], env, work)
     assert_rows_from_both_nodes(results / "cluster" / "rows")
