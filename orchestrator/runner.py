@@ -20,6 +20,7 @@ from pathlib import Path
 from orchestrator.cell import failure_row
 from orchestrator.grid import Cell
 from orchestrator.store import RowStore
+from orchestrator.worker import Worker
 
 DEFAULT_NODE_IP = "127.0.0.2"
 DEFAULT_CACHE_BYTES = 4 << 30
@@ -150,8 +151,6 @@ class Runner:
 
     def _new_worker(self, opts: dict) -> Slot:
         import ray
-
-        from orchestrator.worker import Worker
 
         actor_cls = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
         handle = actor_cls.options(scheduling_strategy="SPREAD", **opts).remote(
