@@ -204,6 +204,7 @@ def test_unreachable_network_does_not_hang(empty_caches, monkeypatch):
 
     def hang(*_a, **_k):
         time.sleep(30)
+        raise OSError("connect timed out")  # what a real hung connect ends in
 
     monkeypatch.setattr(socket, "create_connection", hang)
     t = time.monotonic()
