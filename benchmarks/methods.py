@@ -289,9 +289,218 @@ def ood_main() -> None:
     print(grid.reset_index().to_string(index=False, float_format=fmt))
 
 
+# ---------------------------------------------------------------------------------------------
+# Frozen-feature methods (issue 5): PatchCore, PaDiM, OrthoAD on one procedural category at anomalib's
+# default settings, against anomalib's own PatchCore and PaDiM on the same folder; and the 3-method x
+# 3-seed grid through run_cell with one shared ArtifactCache against ArtifactCache(0).
+#     python benchmarks/methods.py --frozen-vs-anomalib [--category weave] [--seeds 0 1 2] [--threads 1]
+# anomalib 2.7 defaults: Patchcore(backbone wide_resnet50_2, layers layer2+3, coreset_sampling_ratio 0.1,
+# num_neighbors 9), Padim(backbone resnet18, layers layer1-3, n_features 100 for resnet18), both at
+# 256x256 without a centre crop and sigma-4 blurred maps. Matched here: resnet18 random-init on both sides
+# (no download), 256 px without crop, the same layers, coreset ratio, neighbours for the re-weighting
+# and d = n_features = 100. OrthoAD has no anomalib counterpart: it runs at PaDiM's matched settings.
+FROZEN_COMMON = dict(backbone="resnet18", pretrained=False, image_size=256, crop=None)
+FROZEN_MATCHED = {
+    "patchcore": {**FROZEN_COMMON, "layers": ["layer2", "layer3"], "coreset_ratio": 0.1, "reweight_neighbors": 9},
+    "padim": {**FROZEN_COMMON, "layers": ["layer1", "layer2", "layer3"], "d": 100},
+    "orthoad": {**FROZEN_COMMON, "layers": ["layer1", "layer2", "layer3"]},
+}
+FROZEN_DATA = dict(image_size=256, n_train=48, n_test_good=16, n_test_defect=24)
+FROZEN_TARGETS = {"patchcore": 0.5, "padim": 0.8}   # our fit + score seconds / anomalib's
+
+
+def share_random_backbone(folder: Path) -> str:
+    """Write this side's fixed random-init resnet18 to a file and point every FROZEN_MATCHED entry at it
+    (`weights: PATH`); anomalib's side loads the same file, so both score with one backbone (two
+    independent random inits would differ by more than the AUROC tolerance)."""
+    import torch
+
+    from methods.backbones import get_backbone
+
+    path = folder / "resnet18_random_init_seed0.pth"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(get_backbone("resnet18", pretrained=False).model.state_dict(), path)
+    for m in FROZEN_MATCHED.values():
+        m["weights"] = str(path)
+    return str(path)
+
+ANOMALIB_FROZEN_SCRIPT = r'''
+import json, logging, os, resource, sys, tempfile, time, warnings
+t0 = time.perf_counter()
+cfg = json.loads(sys.argv[1])
+import torch
+torch.set_num_threads(cfg["threads"])
+logging.disable(logging.WARNING)
+warnings.filterwarnings("ignore")
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from anomalib.models import Padim, Patchcore
+from lightning.pytorch import seed_everything
+import_s = time.perf_counter() - t0
+seed_everything(cfg["seed"], workers=True)
+dm = MVTecAD(root=cfg["root"], category=cfg["category"], train_batch_size=32, eval_batch_size=32, num_workers=0)
+size = (cfg["image_size"], cfg["image_size"])
+if cfg["method"] == "patchcore":
+    model = Patchcore(backbone=cfg["backbone"], layers=cfg["layers"], pre_trained=False,
+                      coreset_sampling_ratio=cfg["coreset_ratio"], num_neighbors=cfg["num_neighbors"],
+                      pre_processor=Patchcore.configure_pre_processor(size), visualizer=False)
+else:
+    model = Padim(backbone=cfg["backbone"], layers=cfg["layers"], pre_trained=False, n_features=cfg["d"],
+                  pre_processor=Padim.configure_pre_processor(size), visualizer=False)
+if cfg.get("weights"):  # the same random-init backbone as the adgrid side
+    fe = model.model.feature_extractor.feature_extractor
+    missing, _ = fe.load_state_dict(torch.load(cfg["weights"], map_location="cpu", weights_only=True), strict=False)
+    assert not missing, missing
+with tempfile.TemporaryDirectory() as tmp:
+    engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp, enable_progress_bar=False,
+                    enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    t = time.perf_counter()
+    engine.fit(model=model, datamodule=dm)
+    fit_s = time.perf_counter() - t
+    t = time.perf_counter()
+    result = engine.test(model=model, datamodule=dm, verbose=False)[0]
+    test_s = time.perf_counter() - t
+print("ANOMALIB_RESULT " + json.dumps({
+    "fit_s": fit_s, "score_s": test_s, "import_s": import_s, "process_s": time.perf_counter() - t0,
+    "peak_rss_MiB": [int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0] / 1024,
+    "image_auroc": float(result.get("image_AUROC", float("nan"))),
+    "pixel_auroc": float(result.get("pixel_AUROC", float("nan"))),
+    "versions": {"anomalib": __import__("anomalib").__version__, "torch": torch.__version__}}))
+'''
+
+
+def run_anomalib_frozen(method: str, root: str, category: str, seed: int, threads: int,
+                        python: str = ANOMALIB_PYTHON) -> dict:
+    import json
+    import subprocess
+
+    m = FROZEN_MATCHED[method]
+    cfg = {"method": method, "backbone": m["backbone"], "layers": m["layers"], "image_size": m["image_size"],
+           "coreset_ratio": m.get("coreset_ratio"), "num_neighbors": m.get("reweight_neighbors"), "d": m.get("d"),
+           "root": root, "category": category, "seed": seed, "threads": threads, "weights": m.get("weights")}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t = time.perf_counter()
+    proc = subprocess.run([python, "-c", ANOMALIB_FROZEN_SCRIPT, json.dumps(cfg)], capture_output=True,
+                          text=True, env=env, timeout=3600)
+    wall = time.perf_counter() - t
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ANOMALIB_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"anomalib {method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = json.loads(lines[-1][len("ANOMALIB_RESULT "):])
+    out["subprocess_s"] = wall
+    return out
+
+
+def frozen_cell(method: str, category: str, seed: int):
+    from orchestrator.grid import Cell
+
+    return Cell(method=method, params=dict(FROZEN_MATCHED[method]), dataset="synthetic",
+                dataset_params={**FROZEN_DATA, "categories": [category]}, protocol="one_class",
+                normal_class=category, seed=seed)
+
+
+def run_adgrid_frozen(method: str, category: str, seed: int, cache=None) -> dict:
+    from methods.base import ArtifactCache
+    from orchestrator.cell import run_cell
+
+    row = run_cell(frozen_cell(method, category, seed), cache=cache if cache is not None else ArtifactCache(0))[0]
+    if row["status"] != "ok":
+        raise RuntimeError(f"adgrid {method} failed: {row['error']}\n{row.get('traceback', '')}")
+    return {"fit_s": row["fit_s"], "score_s": row["score_s"], "total_s": row["total_s"],
+            "peak_rss_MiB": row["peak_rss_bytes"] / 2**20, "image_auroc": row["image_auroc"],
+            "pixel_auroc": row["pixel_auroc"], "cache_hit": row["feature_cache_hit"]}
+
+
+def frozen_vs_anomalib(category: str = "weave", seeds: tuple[int, ...] = (0,), threads: int = 1,
+                       grid_seeds: tuple[int, ...] = (0, 1, 2), skip_anomalib: bool = False):
+    """(1) For each seed: patchcore, padim, orthoad here (each with its own empty cache: it pays for its
+    features) and anomalib's PatchCore and PaDiM on the same folder; fit / score seconds, peak RSS, image
+    and pixel AUROC, and our fit + score time over theirs (targets: PatchCore <= 0.5x, PaDiM <= 0.8x, image
+    AUROC within 0.03). (2) The 3-method x len(grid_seeds) grid through run_cell in this process with one
+    shared ArtifactCache against ArtifactCache(0) per cell; prints the ratio (target >= 2x)."""
+    import pandas as pd
+    import torch
+
+    from data.protocols import get_dataset, make_splits
+    from methods.base import ArtifactCache
+
+    torch.set_num_threads(threads)
+    params = {**FROZEN_DATA, "categories": [category]}
+    make_splits("synthetic", params, "one_class", category)  # writes the PNG folder if missing
+    root = str(get_dataset("synthetic", params).root())
+    share_random_backbone(Path(root).parent / "weights")
+    have_anomalib = not skip_anomalib and anomalib_available()
+    if not have_anomalib:
+        print(f"anomalib not used (not found at {ANOMALIB_PYTHON} or --no-anomalib): our side only")
+    print(f"frozen-feature methods vs anomalib on {root}/{category} ({FROZEN_DATA['n_train']} train, "
+          f"{FROZEN_DATA['n_test_good'] + FROZEN_DATA['n_test_defect']} test images), {threads} thread(s), "
+          f"settings {FROZEN_MATCHED}", flush=True)
+    fmt = lambda v: f"{v:.3f}"  # noqa: E731
+    records = []
+    for seed in seeds:
+        for method in FROZEN_MATCHED:
+            runs = [("adgrid", run_adgrid_frozen(method, category, seed))]
+            if have_anomalib and method in FROZEN_TARGETS:
+                runs.append(("anomalib", run_anomalib_frozen(method, root, category, seed, threads)))
+            for impl, r in runs:
+                records.append({"method": method, "impl": impl, "seed": seed, "fit_s": r["fit_s"],
+                                "score_s": r["score_s"], "fit_score_s": r["fit_s"] + r["score_s"],
+                                "peak_rss_MiB": r["peak_rss_MiB"], "image_auroc": r["image_auroc"],
+                                "pixel_auroc": r["pixel_auroc"]})
+            print("  seed %d %-9s " % (seed, method) + " | ".join(
+                f"{impl} {r['fit_s'] + r['score_s']:.2f}s auroc {r['image_auroc']:.3f}" for impl, r in runs),
+                flush=True)
+    table = pd.DataFrame.from_records(records)
+    print(table.to_string(index=False, float_format=fmt))
+    if have_anomalib:
+        mean = table.groupby(["method", "impl"])[["fit_score_s", "image_auroc", "pixel_auroc"]].mean()
+        for method, target in FROZEN_TARGETS.items():
+            ratio = mean.loc[(method, "adgrid"), "fit_score_s"] / mean.loc[(method, "anomalib"), "fit_score_s"]
+            gap = mean.loc[(method, "adgrid"), "image_auroc"] - mean.loc[(method, "anomalib"), "image_auroc"]
+            print(f"{method}: wall-time ratio adgrid/anomalib (fit + score) {ratio:.2f}x (target <= {target:.2f}: "
+                  f"{'met' if ratio <= target else 'NOT met'}); image AUROC adgrid - anomalib {gap:+.3f} "
+                  f"(target |gap| <= 0.03: {'met' if abs(gap) <= 0.03 else 'NOT met'})")
+    # (2) the grid with and without the shared feature cache
+    totals = {}
+    if not grid_seeds:
+        return table, totals
+    for mode in ("no_cache", "shared_cache"):
+        shared = ArtifactCache() if mode == "shared_cache" else None
+        t0 = time.perf_counter()
+        hits = 0
+        for seed in grid_seeds:
+            for method in FROZEN_MATCHED:
+                hits += bool(run_adgrid_frozen(method, category, seed, cache=shared)["cache_hit"])
+        totals[mode] = time.perf_counter() - t0
+        print(f"  grid {len(FROZEN_MATCHED)} methods x {len(grid_seeds)} seeds, {mode}: {totals[mode]:.1f}s "
+              f"({hits} feature-cache hits)", flush=True)
+    speedup = totals["no_cache"] / totals["shared_cache"]
+    print(f"grid speed-up from the shared feature cache: {speedup:.2f}x (target >= 2: "
+          f"{'met' if speedup >= 2 else 'NOT met'})")
+    return table, totals
+
+
+def frozen_main() -> None:
+    p = argparse.ArgumentParser(description="PatchCore / PaDiM / OrthoAD vs anomalib; feature-cache grid speed-up")
+    p.add_argument("--frozen-vs-anomalib", action="store_true")
+    p.add_argument("--category", default="weave")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the anomalib comparison")
+    p.add_argument("--grid-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the cache grid")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-anomalib", action="store_true")
+    p.add_argument("--no-grid", action="store_true", help="skip the cache / no-cache grid")
+    args = p.parse_args()
+    frozen_vs_anomalib(args.category, tuple(args.seeds), args.threads,
+                       () if args.no_grid else tuple(args.grid_seeds), args.no_anomalib)
+
+
 if __name__ == "__main__":
     if "--ood" in sys.argv[1:]:
         ood_main()
+    elif "--frozen-vs-anomalib" in sys.argv[1:]:
+        frozen_main()
     elif "--fastflow-vs-anomalib" in sys.argv[1:]:
         fastflow_main()
     else:
