@@ -139,3 +139,13 @@ def test_bad_only_key_exits_2(tmp_path, capsys):
     path = write_grid(tmp_path / "g.yaml", textwrap.dedent(GOOD))
     assert bench.main([str(path), "--dry-run", "--only", "colour=red"]) == 2
     assert "KEY one of" in capsys.readouterr().err
+
+
+def test_demo_grid_lists_every_registered_method_and_validates():
+    from methods import METHODS
+    from orchestrator.config import load_grid
+    from orchestrator.grid import expand
+
+    grid = load_grid(ROOT / "grids" / "demo.yaml")
+    assert {m.name for m in grid.methods} == set(METHODS)
+    assert {c.method for c in expand(grid).cells} == set(METHODS)
