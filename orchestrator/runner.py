@@ -231,9 +231,14 @@ class Runner:
             slot.handle, slot.warm = self._new_worker(opts).handle, set()
             slot.booting, slot.last_cell_s = slot.handle.info.remote(), float("inf")
 
+        def show() -> None:
+            s, running = self.summary, sum(1 for sl in slots if sl.tasks)
+            bar.set_postfix_str(f"ok={s.ok} failed={s.failed + s.timeout} running={running}", refresh=False)
+
         def done(slot: Slot, cell: Cell, rows: list[dict], started: float) -> None:
             self._record(cell, rows)
             self.latencies.append((time.perf_counter() - started, rows[0].get("total_s") or 0.0))
+            show()
             bar.update(1)
 
         try:
@@ -256,8 +261,7 @@ class Runner:
                 busy = [sl for sl in slots if sl.tasks]
                 if not busy and not any(queues.values()):
                     break
-                s = self.summary
-                bar.set_postfix_str(f"ok={s.ok} failed={s.failed + s.timeout} running={len(busy)}", refresh=False)
+                show()
                 waiting = [sl.tasks[0].ref for sl in busy] + [sl.booting for sl in slots if sl.booting is not None]
                 ready, _ = ray.wait(waiting, num_returns=1, timeout=POLL_S)
                 ready_set = set(ready)

@@ -26,6 +26,21 @@ exclude:
 """
 
 
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """Fail the test if anything tries to start or connect to Ray (independent of whether an
+    earlier test left a Ray instance running in this process)."""
+    import ray
+
+    import orchestrator.runner
+
+    def refuse(*_a, **_k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(orchestrator.runner, "start_ray", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 def grid_of(tmp_path, text=GOOD):
     from orchestrator.config import load_grid
 
@@ -92,9 +107,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("kind", list(BAD))
-def test_bad_grid_exits_2_before_ray_with_named_entry(tmp_path, kind, capsys):
-    import ray
-
+def test_bad_grid_exits_2_before_ray_with_named_entry(tmp_path, kind, capsys, ray_must_not_start):
     import bench
 
     text, expected = BAD[kind]
@@ -104,7 +117,6 @@ def test_bad_grid_exits_2_before_ray_with_named_entry(tmp_path, kind, capsys):
     assert expected in err, err
     if kind in ("unknown method", "unknown dataset", "unknown protocol", "unknown parameter"):
         assert "valid:" in err
-    assert not ray.is_initialized()
     assert not (tmp_path / "r").exists()
 
 
@@ -116,9 +128,7 @@ def test_bad_grid_exit_code_from_the_command_line(tmp_path):
     assert "unknown method 'padimm'" in out.stderr and "noop" in out.stderr
 
 
-def test_dry_run_prints_cells_count_and_drops(tmp_path, capsys):
-    import ray
-
+def test_dry_run_prints_cells_count_and_drops(tmp_path, capsys, ray_must_not_start):
     import bench
 
     path = write_grid(tmp_path / "g.yaml", textwrap.dedent(GOOD))
@@ -130,7 +140,6 @@ def test_dry_run_prints_cells_count_and_drops(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "15 cells (3 dropped)" in out
     assert out.count("dropped: ") == 3 and "excluded by the grid" in out
-    assert not ray.is_initialized()
 
 
 def test_bad_only_key_exits_2(tmp_path, capsys):
