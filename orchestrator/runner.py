@@ -101,10 +101,7 @@ class Summary:
     failed: int = 0
     timeout: int = 0
     retried: int = 0
-    skipped: int = 0
     wall_s: float = 0.0
-    nodes: set = field(default_factory=set)
-    busy_s: float = 0.0
     workers: int = 0
     startup_s: float = 0.0
 
@@ -190,10 +187,6 @@ class Runner:
         self.overwrite.discard(cell.cell_id)
         status = rows[0]["status"] if all(r["status"] == rows[0]["status"] for r in rows) else "failed"
         setattr(self.summary, status, getattr(self.summary, status) + 1)
-        for row in rows:
-            if row.get("node_ip"):
-                self.summary.nodes.add((row.get("node_ip"), row.get("node_id")))
-        self.summary.busy_s += max((r.get("total_s") or 0.0) for r in rows)
 
     def run(self) -> Summary:
         import ray
