@@ -27,11 +27,34 @@ class Resources(BaseModel):
     cpu: float = Field(1.0, gt=0, description="CPU slots per worker")
 
 
+class ParamsOverride(BaseModel):
+    """Params that replace a method's own on the datasets this entry selects (a paper's setting that
+    differs per dataset: FCDD's outlier exposure on CIFAR-10, confetti noise on MVTec AD)."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: str | None = None
+    protocol: str | None = None
+    params: dict[str, Any] = Field(min_length=1)
+
+    def selects(self, dataset: str, protocol: str) -> bool:
+        return all(want is None or want == have
+                   for want, have in ((self.dataset, dataset), (self.protocol, protocol)))
+
+
 class MethodEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    overrides: list[ParamsOverride] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
+
+    def params_for(self, dataset: str, protocol: str) -> dict[str, Any]:
+        """The entry's params with every override that selects (dataset, protocol) applied in order."""
+        merged = dict(self.params)
+        for override in self.overrides:
+            if override.selects(dataset, protocol):
+                merged.update(override.params)
+        return merged
 
 
 class DatasetEntry(BaseModel):
@@ -50,11 +73,17 @@ class DatasetEntry(BaseModel):
 
 
 class ExcludeRule(BaseModel):
+    """Drops the cells it matches. ``class`` (a name, an index, or a class set as a list or as
+    ``a+b``) matches that class and, unless ``exact``, every class set holding it; ``class_set``
+    true matches only class-set cells, false only single-class cells."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     method: str | None = None
     dataset: str | None = None
     protocol: str | None = None
-    normal_class: str | int | None = Field(None, alias="class")
+    normal_class: ClassItem | None = Field(None, alias="class")
+    exact: bool = False
+    class_set: bool | None = None
     seed: int | None = None
 
 
@@ -100,6 +129,13 @@ def _pydantic_message(prefix: str, err: ValidationError, valid_fields=None) -> s
     return "\n".join(lines)
 
 
+def _rule_class(item):
+    """An exclude rule's class as resolve_classes takes it: ``a+b`` is the class set [a, b]."""
+    if isinstance(item, str) and "+" in item:
+        return [int(x) if x.isdigit() else x for x in item.split("+")]
+    return item
+
+
 def sweep(params: dict[str, Any]) -> list[dict[str, Any]]:
     """Expand list values into their cartesian product (a list parameter takes a nested list)."""
     keys = list(params)
@@ -138,13 +174,26 @@ def check_names(grid: GridConfig, where: str = "grid") -> None:
             problems.append(f"methods[{i}].name: unknown method {_choices(m.name, METHODS)}")
             continue
         params_model = METHODS[m.name].Params
-        for combo in sweep(m.params):
-            try:
-                params_model(**combo)
-            except ValidationError as e:
-                problems.append(_pydantic_message(f"methods[{i}] ({m.name}).params", e,
-                                                  params_model.model_fields))
-                break
+        variants = [(f"methods[{i}] ({m.name}).params", m.params)]
+        variants += [(f"methods[{i}] ({m.name}).overrides[{j}].params", {**m.params, **o.params})
+                     for j, o in enumerate(m.overrides)]
+        for where_params, params in variants:
+            for combo in sweep(params):
+                try:
+                    params_model(**combo)
+                except ValidationError as e:
+                    problems.append(_pydantic_message(where_params, e, params_model.model_fields))
+                    break
+        for j, o in enumerate(m.overrides):
+            if o.dataset is not None and o.dataset not in DATASETS:
+                problems.append(f"methods[{i}] ({m.name}).overrides[{j}].dataset: unknown dataset "
+                                f"{_choices(o.dataset, DATASETS)}")
+            if o.protocol is not None and o.protocol not in PROTOCOLS:
+                problems.append(f"methods[{i}] ({m.name}).overrides[{j}].protocol: unknown protocol "
+                                f"{_choices(o.protocol, PROTOCOLS)}")
+            if not any(o.selects(d.name, d.protocol) for d in grid.datasets):
+                problems.append(f"methods[{i}] ({m.name}).overrides[{j}]: selects no dataset entry "
+                                f"of this grid (dataset={o.dataset!r}, protocol={o.protocol!r})")
     for i, d in enumerate(grid.datasets):
         if d.name not in DATASETS:
             problems.append(f"datasets[{i}].name: unknown dataset {_choices(d.name, DATASETS)}")
@@ -175,5 +224,13 @@ def check_names(grid: GridConfig, where: str = "grid") -> None:
             problems.append(f"exclude[{i}].method: unknown method {_choices(rule.method, METHODS)}")
         if rule.dataset is not None and rule.dataset not in DATASETS:
             problems.append(f"exclude[{i}].dataset: unknown dataset {_choices(rule.dataset, DATASETS)}")
+        if rule.protocol is not None and rule.protocol not in PROTOCOLS:
+            problems.append(f"exclude[{i}].protocol: unknown protocol {_choices(rule.protocol, PROTOCOLS)}")
+        if rule.dataset is not None and rule.normal_class is not None and rule.dataset in DATASETS:
+            entry = next((d for d in grid.datasets if d.name == rule.dataset), None)
+            try:
+                resolve_classes(rule.dataset, entry.params if entry else {}, [_rule_class(rule.normal_class)])
+            except Exception as e:
+                problems.append(f"exclude[{i}].class: {e}")
     if problems:
         raise ConfigError(f"{where}: invalid grid\n" + "\n".join(problems))

@@ -1,6 +1,7 @@
 """Expand a validated grid into Cells with stable ids; drop incompatible cells with a reason."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -94,16 +95,41 @@ class Expansion:
     dropped: list[tuple[str, str]]  # (what, why)
 
 
+def _rule_class(rule, cell: Cell):
+    """The rule's class resolved in the cell's dataset: a name, a tuple of names, or None where
+    the dataset has no such class (then the rule cannot match the cell)."""
+    return _resolve_rule_class(cell.dataset, canonical(cell.dataset_params), canonical(rule.normal_class))
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve_rule_class(dataset: str, params_json: str, class_json: str):
+    from data.protocols import resolve_classes
+    from orchestrator.config import _rule_class as parse
+
+    try:
+        return resolve_classes(dataset, json.loads(params_json), [parse(json.loads(class_json))])[0]
+    except Exception:  # DataError: the class is not one of this dataset's
+        return None
+
+
 def _matches(rule, cell: Cell) -> bool:
     checks = [(rule.method, cell.method), (rule.dataset, cell.dataset), (rule.protocol, cell.protocol),
               (rule.seed, cell.seed)]
     if any(want is not None and want != have for want, have in checks):
         return False
-    if rule.normal_class is not None:
-        names = cell.normal_class if isinstance(cell.normal_class, tuple) else (cell.normal_class,)
-        if str(rule.normal_class) not in names and str(rule.normal_class) != cell.class_label:
-            return False
-    return True
+    is_set = isinstance(cell.normal_class, tuple)
+    if rule.class_set is not None and rule.class_set != is_set:
+        return False
+    if rule.normal_class is None:
+        return True
+    if cell.normal_class == "all":  # unified / ood cells over every class
+        return str(rule.normal_class) == "all"
+    want = _rule_class(rule, cell)
+    if want is None:
+        return False
+    if rule.exact or isinstance(want, tuple):
+        return want == cell.normal_class
+    return want in (cell.normal_class if is_set else (cell.normal_class,))
 
 
 def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expansion:
@@ -128,7 +154,7 @@ def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expans
                                 f"{m.name} does not support protocol {d.protocol!r} "
                                 f"(supports {', '.join(sorted(method_cls.protocols))})"))
                 continue
-            for params in sweep(m.params):
+            for params in sweep(m.params_for(d.name, d.protocol)):
                 resolved = method_cls.Params(**params).model_dump(mode="json", exclude_unset=True)
                 for normal_class in normal_classes:
                     for seed in grid.seeds:

@@ -158,3 +158,141 @@ def test_demo_grid_lists_every_registered_method_and_validates():
     grid = load_grid(ROOT / "grids" / "demo.yaml")
     assert {m.name for m in grid.methods} == set(METHODS)
     assert {c.method for c in expand(grid).cells} == set(METHODS)
+
+
+SETS = """
+name: t
+seeds: [0]
+datasets:
+  - name: digits
+    protocol: one_class
+    classes: [2, 3, [2, 3], [4, 5]]
+  - name: synthetic
+    protocol: one_class
+    classes: all
+methods:
+  - name: noop
+exclude:
+  - RULE
+"""
+
+
+@pytest.mark.parametrize("rule, kept", [
+    ("{dataset: digits, class: 2}", {"3", "4+5"}),        # a class also drops the sets holding it
+    ("{dataset: digits, class: 2, exact: true}", {"3", "2+3", "4+5"}),  # exact: the class alone
+    ("{class: [3, 2]}", {"2", "3", "4+5"}),               # a class set matches exactly that set
+    ("{class: 2+3}", {"2", "3", "4+5"}),
+    ("{dataset: digits, class_set: true}", {"2", "3"}),
+    ("{dataset: digits, class_set: false}", {"2+3", "4+5"}),
+    ("{dataset: digits, class: 4, class_set: true}", {"2", "3", "2+3"}),
+])
+def test_exclude_class_matching(tmp_path, rule, kept):
+    from orchestrator.grid import expand
+
+    cells = expand(grid_of(tmp_path, SETS.replace("RULE", rule))).cells
+    assert {c.class_label for c in cells if c.dataset == "digits"} == kept
+    assert len([c for c in cells if c.dataset == "synthetic"]) == 4
+
+
+def test_exclude_class_by_index_resolves_in_the_cells_dataset(tmp_path):
+    from orchestrator.grid import expand
+
+    # synthetic's class 2 is "disc"; digits' class 2 is "2": one rule, each dataset's own class
+    cells = expand(grid_of(tmp_path, SETS.replace("RULE", "{class: 2, exact: true}"))).cells
+    assert {c.class_label for c in cells if c.dataset == "synthetic"} == {"weave", "granite", "chip"}
+    cells = expand(grid_of(tmp_path, SETS.replace("RULE", "{class: disc}"))).cells
+    assert {c.class_label for c in cells if c.dataset == "synthetic"} == {"weave", "granite", "chip"}
+    assert len([c for c in cells if c.dataset == "digits"]) == 4
+
+
+OVERRIDES = """
+name: t
+seeds: [0]
+datasets:
+  - name: digits
+    protocol: one_class
+    classes: [0]
+  - name: synthetic
+    protocol: one_class
+    classes: [weave]
+methods:
+  - name: noop
+    params: {sleep_s: 0.0, fail: false}
+    overrides:
+      - {dataset: digits, params: {sleep_s: [0.01, 0.02]}}
+      - {dataset: digits, protocol: one_class, params: {fail: true}}
+"""
+
+
+def test_overrides_replace_params_on_the_datasets_they_select(tmp_path):
+    from orchestrator.grid import expand
+
+    cells = expand(grid_of(tmp_path, OVERRIDES)).cells
+    by_dataset = {}
+    for c in cells:
+        by_dataset.setdefault(c.dataset, []).append(c.params)
+    assert by_dataset["synthetic"] == [{"sleep_s": 0.0, "fail": False}]
+    # an override's list value is a sweep, like a method's own; later overrides win
+    assert sorted(p["sleep_s"] for p in by_dataset["digits"]) == [0.01, 0.02]
+    assert all(p["fail"] is True for p in by_dataset["digits"])
+    assert len({c.cell_id for c in cells}) == 3
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("{dataset: digitz, params: {fail: true}}", "overrides[0].dataset: unknown dataset 'digitz'"),
+    ("{dataset: digits, params: {fial: true}}", "(noop).overrides[0].params.fial: unknown parameter"),
+    ("{dataset: mnist, params: {fail: true}}", "overrides[0]: selects no dataset entry"),
+    ("{protocol: odd, params: {fail: true}}", "overrides[0].protocol: unknown protocol 'odd'"),
+    ("{dataset: digits}", "params: Field required"),
+])
+def test_bad_override_exits_2(tmp_path, capsys, ray_must_not_start, override, expected):
+    import bench
+
+    text = OVERRIDES.replace("- {dataset: digits, params: {sleep_s: [0.01, 0.02]}}", "- " + override)
+    path = write_grid(tmp_path / "bad.yaml", textwrap.dedent(text))
+    assert bench.main([str(path), "--dry-run"]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_bad_exclude_class_exits_2(tmp_path, capsys, ray_must_not_start):
+    import bench
+
+    path = write_grid(tmp_path / "bad.yaml", SETS.replace("RULE", "{dataset: digits, class: 12}"))
+    assert bench.main([str(path), "--dry-run"]) == 2
+    assert "exclude[0].class: digits: unknown class 12" in capsys.readouterr().err
+
+
+MVTEC_CATEGORIES = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+                    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper"]
+
+
+def test_full_grid_expands_to_the_papers_cells(tmp_path, monkeypatch):
+    """grids/full.yaml on a stand-in MVTec AD tree at the default root: each method on its papers'
+    datasets only, UniAD on class sets and unified MVTec, FCDD with outlier exposure where the
+    official runners use it."""
+    from collections import Counter
+
+    from data_writers import write_mvtec_category
+    from orchestrator.config import load_grid
+    from orchestrator.grid import expand
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for category in MVTEC_CATEGORIES:
+        write_mvtec_category(tmp_path / "data" / "mvtec_anomaly_detection", category, n_train=1, n_good=1,
+                             defects={"crack": 1})
+    cells = expand(load_grid(ROOT / "grids" / "full.yaml")).cells
+    kinds = Counter((c.method, c.dataset, c.protocol, "set" if isinstance(c.normal_class, tuple) else "one")
+                    for c in cells)
+    assert kinds[("uniad", "cifar10", "one_class", "set")] == 4 * 3
+    assert kinds[("uniad", "mvtec", "unified", "one")] == 3
+    assert not any(k[0] == "uniad" and k[3] == "one" and k[2] == "one_class" for k in kinds)
+    assert kinds[("kdad", "cifar10", "one_class", "one")] == 10 * 3
+    assert not any(k[3] == "set" and k[0] != "uniad" for k in kinds)
+    assert kinds[("patchcore", "mvtec", "one_class", "one")] == 15 * 3
+    assert {k[1] for k in kinds if k[0] == "dsvdd"} == {"mnist", "cifar10"}
+    sources = {(c.method, c.dataset): c.params.get("anomaly_source", "confetti")
+               for c in cells if c.method in ("fcdd", "fcdd_hsc")}
+    assert sources == {("fcdd", "fashion_mnist"): "oe", ("fcdd", "cifar10"): "oe", ("fcdd", "mvtec"): "confetti",
+                       ("fcdd_hsc", "fashion_mnist"): "oe", ("fcdd_hsc", "cifar10"): "oe",
+                       ("fcdd_hsc", "mvtec"): "confetti"}
+    assert all(c.params["oe_dataset"] == "cifar100" for c in cells if c.params.get("anomaly_source") == "oe")
