@@ -15,7 +15,7 @@ from reports.bootstrap import BOOTSTRAP_METRICS, LEVEL, N_RESAMPLES
 from reports.compare import MIN_CHANGE, compare_runs
 from reports.cost import cost_table, run_summary
 from reports.document import Bullets, Code, Heading, Image, Paragraph, Table, html_page, markdown
-from reports.expected import EXPECTED_CSV, LOWER_IS_BETTER, load_expected
+from reports.expected import EXPECTED_CSV, LOWER_IS_BETTER, OOD_GROUPS, load_expected
 from reports.rows import annotate, column_order, read_rows
 from reports.tables import failures, leaderboards, reproduction, row_distributions
 
@@ -179,20 +179,21 @@ def reproduction_blocks(table: pd.DataFrame, refs: References) -> list:
     blocks = [Heading("Reproduction"),
               Paragraph("Every method × dataset × metric with a paper number: the measured mean over "
                         "classes against the paper's mean, and per class how many landed within the "
-                        "tolerance (✓ reproduced, ▼ below, ▲ above).")]
+                        "tolerance (✓ reproduced, ▼ below, ▲ above). On OOD boards with OpenOOD groups, "
+                        "each group's mean (near-ood, far-ood) against the paper's group number too.")]
     if table.empty:
         return blocks + [Paragraph("No measured method has a paper number in the reference table.")]
     rows, styles = [], []
     for r in table.to_dict("records"):
         counts = (f"{r['reproduced']}✓ {r['below']}▼ {r['above']}▲ of {r['classes_with_reference']}"
                   if r["classes_with_reference"] else "—")
-        rows.append([r["variant"], r["board"], r["protocol"], r["metric"], pts(r["measured"]), pts(r["expected"]),
-                     pts(r["diff"], True), r["status"], counts, pts(r["mean_abs_diff"]),
+        rows.append([r["variant"], r["board"], r["protocol"], r["metric"], r["average"], pts(r["measured"]),
+                     pts(r["expected"]), pts(r["diff"], True), r["status"], counts, pts(r["mean_abs_diff"]),
                      refs.cite(r["setting"], r["source"]), r["note"] if isinstance(r["note"], str) else ""])
-        styles.append([""] * 7 + [r["status"].replace(" ", "-")] + [""] * 4)
-    header = ["method", "dataset", "protocol", "metric", "measured mean", "paper mean", "Δ", "status",
+        styles.append([""] * 8 + [r["status"].replace(" ", "-")] + [""] * 4)
+    header = ["method", "dataset", "protocol", "metric", "average", "measured", "paper", "Δ", "status",
               "classes", "mean |Δ| classes", "ref", "note"]
-    return blocks + [Table(header, rows, "reproduction", styles, numeric={4, 5, 6, 9})]
+    return blocks + [Table(header, rows, "reproduction", styles, numeric={5, 6, 7, 10})]
 
 
 def _class_cell(r: dict, refs: References) -> tuple[str, str, str]:
@@ -204,21 +205,50 @@ def _class_cell(r: dict, refs: References) -> tuple[str, str, str]:
     return (main, f"paper {pts(r['expected'])} {ref} Δ {pts(r['diff'], True)}", f"({pts(r['expected'])} {ref})")
 
 
+def _group_cell(r: dict, refs: References) -> tuple[str, str, str]:
+    """An OpenOOD group mean as a class cell, its set count when incomplete, its interval (HTML)."""
+    main, paper, suffix = _class_cell(r, refs)
+    if r["classes_measured"] != r["classes_total"]:
+        main += f" ({r['classes_measured']}/{r['classes_total']} sets)"
+    ci = interval(r["ci_low"], r["ci_high"]) if pd.notna(r["ci_low"]) else ""
+    return (main, " · ".join(t for t in (ci, paper) if t), suffix)
+
+
+def group_blocks(key: tuple, board: pd.DataFrame, means: pd.DataFrame, groups: list[str], refs: References) -> list:
+    """The board's OpenOOD group means, method by method in rank order."""
+    name, protocol, metric = key
+    rank = {v: i for i, v in enumerate(means["variant"])}
+    records = sorted(board[board["is_group"].astype(bool)].to_dict("records"),
+                     key=lambda r: (rank[r["variant"]], groups.index(r["column"])))
+    rows = [[r["variant"], r["column"], f"{r['classes_measured']}/{r['classes_total']}", mean_std(r["mean"], r["std"]),
+             interval(r["ci_low"], r["ci_high"]), pts(r["expected"]), pts(r["diff"], True), r["status"],
+             refs.cite(r["setting"], r["source"]), r["note"] if isinstance(r["note"], str) else ""]
+            for r in records]
+    styles = [[""] * 7 + [r[7].replace(" ", "-"), "", ""] for r in rows]
+    return [Paragraph("OpenOOD groups (per method: the mean over the group's measured OOD sets):"),
+            Table(["method", "group", "sets", "mean ± std", f"{LEVEL:.0%} CI", "paper", "Δ", "status", "ref", "note"],
+                  rows, f"groups:{name}:{protocol}:{metric}", styles, numeric={2, 3, 4, 5, 6})]
+
+
 def board_blocks(key: tuple, board: pd.DataFrame, figures: dict, refs: References) -> list:
     name, protocol, metric = key
-    columns = column_order(board["dataset"].iloc[0], board.loc[~board["is_mean"].astype(bool), "column"])
+    dataset = board["dataset"].iloc[0]
+    is_class = ~board["is_mean"].astype(bool) & ~board["is_group"].astype(bool)
+    columns = column_order(dataset, board.loc[is_class, "column"])
+    present = set(board.loc[board["is_group"].astype(bool), "column"])
+    groups = [g for g in OOD_GROUPS.get(dataset, {}) if g in present]
     means = board[board["is_mean"].astype(bool)].sort_values("rank")
     direction = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
-    header = ["#", "method", *columns, "mean ± std", f"{LEVEL:.0%} CI", "vs leader", "paper", "Δ",
+    header = ["#", "method", *columns, *groups, "mean ± std", f"{LEVEL:.0%} CI", "vs leader", "paper", "Δ",
               "status", "seeds", "failed"]
     rows, styles = [], []
     for m in means.to_dict("records"):
         cells = board[(board["variant"] == m["variant"]) & ~board["is_mean"].astype(bool)].set_index("column")
         class_cells, class_styles = [], []
-        for c in columns:
+        for c in columns + groups:
             if c in cells.index:
                 r = cells.loc[c].to_dict()
-                class_cells.append(_class_cell(r, refs))
+                class_cells.append(_group_cell(r, refs) if c in groups else _class_cell(r, refs))
                 class_styles.append(r["status"].replace(" ", "-"))
             else:
                 class_cells.append("—")
@@ -232,13 +262,18 @@ def board_blocks(key: tuple, board: pd.DataFrame, figures: dict, refs: Reference
                      pts(m["diff"], True), m["status"], str(m["seeds"]), str(m["failed"])])
         styles.append(["", "leader" if m["leader"] else "", *class_styles, "", "", "", "", "",
                        m["status"].replace(" ", "-"), "", "failed" if m["failed"] else ""])
-    numeric = set(range(2, 2 + len(columns) + 2)) | {len(header) - 5, len(header) - 4, len(header) - 2,
-                                                       len(header) - 1}
+    numeric = set(range(2, 2 + len(columns) + len(groups) + 2)) | {len(header) - 5, len(header) - 4,
+                                                                   len(header) - 2, len(header) - 1}
     blocks = [Heading(f"{name} · {protocol} · {metric}", 3),
               Table(header, rows, f"leaderboard:{name}:{protocol}:{metric}", styles, numeric)]
     notes = [f"Ranked by the mean over classes ({direction}); methods missing classes rank after "
              "the complete ones. A class cell: mean ± std over seeds, its status (✓ reproduced, ▼ below, "
              "▲ above the paper) and the paper's value [reference]."]
+    if groups:
+        members = "; ".join(f"{g}: {', '.join(OOD_GROUPS[dataset][g])}" for g in groups)
+        notes.append(f"{' / '.join(groups)}: the mean over the OOD sets of OpenOOD v1.5's group ({members}) "
+                     "that were measured, its interval from the same resamples as the mean; the paper's "
+                     "group number is compared only when every set of the group is measured.")
     if metric in BOOTSTRAP_METRICS:
         notes.append("vs leader: 'tied' when the method's interval overlaps the leader's.")
     else:
@@ -250,7 +285,9 @@ def board_blocks(key: tuple, board: pd.DataFrame, figures: dict, refs: Reference
     if no_ref:
         notes.append(f"No paper number on this board for: {', '.join(no_ref)}.")
     blocks.append(Bullets(notes))
-    matched = board[~board["is_mean"].astype(bool) & board["expected"].notna()]
+    if groups:
+        blocks += group_blocks(key, board, means, groups, refs)
+    matched = board[is_class & board["expected"].notna()]
     if len(matched):
         rows = [[r["variant"], r["column"], mean_std(r["mean"], r["std"]), pts(r["expected"]), pts(r["diff"], True),
                  r["status"], refs.cite(r["setting"], r["source"])] for r in matched.to_dict("records")]

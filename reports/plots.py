@@ -34,14 +34,15 @@ def expected_vs_measured(matched: pd.DataFrame, tolerance: float, path: Path) ->
     colours = _colours(matched["variant"])
     for (variant, metric), g in matched.groupby(["variant", "metric"], sort=True):
         ax.scatter(g["expected"] * 100, g["mean"] * 100, color=colours[variant], marker=MARKERS.get(metric, "D"),
-                   s=np.where(g["is_mean"], 70, 30), label=f"{variant} · {metric}", edgecolor="k", linewidth=0.4)
+                   s=np.where(g["is_mean"] | g["is_group"], 70, 30), label=f"{variant} · {metric}", edgecolor="k",
+                   linewidth=0.4)
     values = np.concatenate([matched["expected"].to_numpy(float), matched["mean"].to_numpy(float)]) * 100
     low, high = np.nanmin(values) - 2, min(100.5, np.nanmax(values) + 2)
     line = np.array([low, high])
     ax.plot(line, line, color="0.3", linewidth=1)
     ax.fill_between(line, line - tolerance, line + tolerance, color="0.85", label=f"±{tolerance:g} points")
     ax.set(xlim=(low, high), ylim=(low, high), xlabel="paper (points)", ylabel="measured (points)",
-           title="Measured vs paper (large dots: means)")
+           title="Measured vs paper (large dots: means, OOD group means)")
     ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 

@@ -1,6 +1,9 @@
 """The report's tables as pandas frames: leaderboards (long form), reproduction, failures.
 
 Values stay in the rows' units (fractions, 0.973); ``diff`` too. Only the rendering shows points.
+A leaderboard record is a class (or OOD set) cell, the mean over them (``is_mean``), or, on ood
+boards of a dataset with OpenOOD groups, the mean over one group's measured sets (``is_group``,
+``column`` = ``near-ood`` / ``far-ood``; ``classes_measured`` / ``classes_total`` count its sets).
 """
 from __future__ import annotations
 
@@ -11,17 +14,25 @@ import pandas as pd
 
 from reports.bootstrap import (BOOTSTRAP_METRICS, N_RESAMPLES, mean_of, percentile_interval,
                                resample_metrics, resamples_for, row_seed, usable)
-from reports.expected import (LOWER_IS_BETTER, by_key, candidates, choose, class_key, mean_classes,
-                              row_params, setting_tokens, status_of)
+from reports.expected import (LOWER_IS_BETTER, OOD_GROUPS, by_key, candidates, choose, class_key, group_complete,
+                              group_members, group_of, group_references, mean_classes, ood_set_name, row_params,
+                              setting_tokens, status_of)
 from reports.rows import MEAN_COLUMN, as_array, column_order, ok_rows, present_metrics
 
 #: Row columns too large to carry through the table code (read from the full rows where needed).
 HEAVY_COLUMNS = ["labels", "image_scores", "loss_curve", "sample_maps", "traceback"]
 LEADERBOARD_COLUMNS = [
     "board", "dataset", "protocol", "metric", "variant", "method", "column", "column_key", "is_mean",
-    "seeds", "mean", "std", "ci_low", "ci_high", "expected", "diff", "status", "setting", "source",
+    "is_group", "seeds", "mean", "std", "ci_low", "ci_high", "expected", "diff", "status", "setting", "source",
     "rank", "leader", "tied", "classes_measured", "classes_total", "failed", "note",
 ]
+REPRODUCTION_COLUMNS = [
+    "variant", "board", "protocol", "metric", "average", "measured", "expected", "diff", "status",
+    "classes_with_reference", "reproduced", "below", "above", "mean_abs_diff", "setting", "source", "note",
+]
+#: Metrics of the in-distribution test images alone (the same on every OOD set): no group means.
+ID_METRICS = frozenset({"accuracy"})
+NO_REFERENCE = {"expected": np.nan, "setting": None, "source": None}
 
 
 def row_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES) -> dict[str, dict[str, np.ndarray]]:
@@ -46,11 +57,20 @@ def _std(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1)) if values.size >= 2 else float("nan")
 
 
-def _reference(index, method, dataset, protocol, key, metric, tokens, ood_sets) -> dict:
-    ref = choose(candidates(index, method, dataset, protocol, key, metric), tokens, dataset, ood_sets)
+def _as_reference(ref) -> dict:
     if ref is None:
-        return {"expected": np.nan, "setting": None, "source": None}
+        return dict(NO_REFERENCE)
     return {"expected": float(ref["value"]), "setting": ref["setting"], "source": ref["source"]}
+
+
+def _reference(index, method, dataset, protocol, key, metric, tokens, ood_sets) -> dict:
+    return _as_reference(choose(candidates(index, method, dataset, protocol, key, metric), tokens, dataset, ood_sets))
+
+
+def board_groups(dataset: str, protocol: str, metric: str) -> dict[str, tuple[str, ...]]:
+    """The OpenOOD groups a board also averages over: ood boards of a dataset in ``OOD_GROUPS``,
+    metrics that depend on the OOD set (not ``ID_METRICS``)."""
+    return OOD_GROUPS.get(dataset, {}) if protocol == "ood" and metric not in ID_METRICS else {}
 
 
 def _seed_std(rows: pd.DataFrame, metric: str, columns: list[str]) -> float:
@@ -60,11 +80,39 @@ def _seed_std(rows: pd.DataFrame, metric: str, columns: list[str]) -> float:
     return _std(table.mean(axis=1).to_numpy(float))
 
 
+def _average(vrows, metric: str, columns: list[str], column_means: dict, column_dists: dict) -> dict:
+    """Mean over ``columns`` of their means, its std over seeds and the percentile interval of the
+    mean of their bootstrap distributions (each resample: the mean over the columns)."""
+    dist = mean_of([column_dists[c] for c in columns]) if metric in BOOTSTRAP_METRICS else None
+    low, high = percentile_interval(dist) if dist is not None else (np.nan, np.nan)
+    return {"mean": float(np.mean([column_means[c] for c in columns])),
+            "std": _seed_std(vrows, metric, columns), "ci_low": low, "ci_high": high}
+
+
+def _group_record(group: str, covered: list[str], vrows, metric, dataset, protocol, index, tokens,
+                  average: dict) -> dict:
+    """The mean over one OpenOOD group's measured sets; the paper's number for that group only when
+    every set of the group is measured (as a paper's mean needs every class)."""
+    members = group_members(dataset, group)
+    found = group_references(candidates(index, vrows["method"].iloc[0], dataset, protocol, MEAN_COLUMN, metric),
+                             dataset, group)
+    ref, note = dict(NO_REFERENCE), None
+    if group_complete(dataset, group, covered):
+        ref = _as_reference(choose(found, tokens, dataset, set(covered)))
+    elif not found.empty:
+        missing = [m for m in members if m not in {ood_set_name(c) for c in covered}]
+        note = (f"paper {group} value not compared: OpenOOD averages {', '.join(members)}; "
+                f"this run misses {', '.join(missing)}")
+    return {"column": group, "column_key": group, "is_mean": False, "is_group": True,
+            "seeds": int(vrows.loc[vrows["column"].isin(covered), "seed"].nunique()), **average,
+            "classes_measured": len(covered), "classes_total": len(members), "note": note, **ref}
+
+
 def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tolerance, dists) -> list[dict]:
     method = vrows["method"].iloc[0]
     tokens = setting_tokens(row_params(vrows.iloc[0]))
     ood_sets = set(vrows["ood_set"].dropna()) if protocol == "ood" else None
-    records, column_dists, column_means = [], [], []
+    records, column_dists, column_means = [], {}, {}
     by_column = dict(tuple(vrows.groupby("column", sort=False)))
     measured = [c for c in board_columns if c in by_column]
     for column in measured:
@@ -76,28 +124,36 @@ def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tol
         ref = _reference(index, method, dataset, protocol, class_key(dataset, column), metric, tokens, ood_sets)
         mean = float(values.mean())
         records.append({"column": column, "column_key": class_key(dataset, column), "is_mean": False,
-                        "seeds": int(crows["seed"].nunique()), "mean": mean, "std": _std(values),
-                        "ci_low": low, "ci_high": high, **ref})
-        column_dists.append(dist)
-        column_means.append(mean)
+                        "is_group": False, "seeds": int(crows["seed"].nunique()), "mean": mean,
+                        "std": _std(values), "ci_low": low, "ci_high": high, **ref})
+        column_dists[column] = dist
+        column_means[column] = mean
+    groups = []
+    for group, members in board_groups(dataset, protocol, metric).items():
+        covered = [c for c in measured if ood_set_name(c) in members]
+        if covered:
+            groups.append(_group_record(group, covered, vrows, metric, dataset, protocol, index, tokens,
+                                        _average(vrows, metric, covered, column_means, column_dists)))
+    records += groups
     keys = {class_key(dataset, c) for c in measured}
-    mean_dist = mean_of(column_dists) if metric in BOOTSTRAP_METRICS else None
-    low, high = percentile_interval(mean_dist) if mean_dist is not None else (np.nan, np.nan)
     note, wanted = None, mean_classes(index, method, dataset, protocol, metric)
     if wanted is None or wanted <= keys:
         ref = _reference(index, method, dataset, protocol, MEAN_COLUMN, metric, tokens, ood_sets)
     else:
-        ref = {"expected": np.nan, "setting": None, "source": None}
+        ref = dict(NO_REFERENCE)
         if not candidates(index, method, dataset, protocol, MEAN_COLUMN, metric).empty:
             note = (f"paper mean not compared: it averages {len(wanted)} classes, the run measures "
                     f"{len(wanted & keys)} of them")
-    if ood_sets and isinstance(ref["setting"], str) and ref["setting"].lower().startswith(("near-ood", "far-ood")):
-        group = ref["setting"].split(";")[0].strip()
-        note = (f"the paper's {group} value averages OpenOOD's whole {group} group; this run measures "
-                f"{', '.join(sorted(ood_sets))}")
-    records.append({"column": MEAN_COLUMN, "column_key": MEAN_COLUMN, "is_mean": True,
-                    "seeds": int(vrows["seed"].nunique()), "mean": float(np.mean(column_means)),
-                    "std": _seed_std(vrows, metric, measured), "ci_low": low, "ci_high": high,
+    group = group_of(ref["setting"], dataset) if ood_sets and isinstance(ref["setting"], str) else None
+    if group is not None and not group_complete(dataset, group, ood_sets):
+        ref = dict(NO_REFERENCE)  # as a paper's class mean: compared only when every set is measured
+        note = (f"paper {group} value not compared: it averages OpenOOD's whole {group} group "
+                f"({', '.join(group_members(dataset, group))}); this run measures {', '.join(sorted(ood_sets))}")
+    elif np.isnan(ref["expected"]) and any(g["source"] or g["note"] for g in groups):
+        note = f"OpenOOD's numbers each average one group: see {' / '.join(g['column'] for g in groups)}"
+    records.append({"column": MEAN_COLUMN, "column_key": MEAN_COLUMN, "is_mean": True, "is_group": False,
+                    "seeds": int(vrows["seed"].nunique()),
+                    **_average(vrows, metric, measured, column_means, column_dists),
                     "classes_measured": len(measured), "classes_total": len(board_columns), "note": note, **ref})
     for r in records:
         r.update(variant=vrows["variant"].iloc[0], method=method, metric=metric,
@@ -144,8 +200,9 @@ def leaderboards(rows: pd.DataFrame, expected: pd.DataFrame, tolerance: float,
             for variant in sorted(set(failed["variant"]) - set(group["variant"])):
                 records.append({"variant": variant, "method": failed[failed["variant"] == variant]["method"].iloc[0],
                                 "metric": metric, "column": MEAN_COLUMN, "column_key": MEAN_COLUMN,
-                                "is_mean": True, "seeds": 0, "mean": np.nan, "std": np.nan, "ci_low": np.nan,
-                                "ci_high": np.nan, "expected": np.nan, "diff": np.nan, "status": "no reference",
+                                "is_mean": True, "is_group": False, "seeds": 0, "mean": np.nan, "std": np.nan,
+                                "ci_low": np.nan, "ci_high": np.nan, "expected": np.nan, "diff": np.nan,
+                                "status": "no reference",
                                 "classes_measured": 0, "classes_total": len(columns),
                                 "note": "every cell failed or timed out"})
             frame = pd.DataFrame(records)
@@ -164,11 +221,19 @@ def leaderboards(rows: pd.DataFrame, expected: pd.DataFrame, tolerance: float,
     return table
 
 
+def _group_reproduction(r: dict) -> dict:
+    """A reproduction record for an OpenOOD group mean (no per-class counts: its sets have none)."""
+    return {"variant": r["variant"], "board": r["board"], "protocol": r["protocol"], "metric": r["metric"],
+            "average": r["column"], "measured": r["mean"], "expected": r["expected"], "diff": r["diff"],
+            "status": r["status"], "classes_with_reference": 0, "reproduced": 0, "below": 0, "above": 0,
+            "mean_abs_diff": np.nan, "setting": r["setting"], "source": r["source"],
+            "note": r["note"] if isinstance(r["note"], str) else None}
+
+
 def reproduction(board_table: pd.DataFrame, expected: pd.DataFrame) -> pd.DataFrame:
-    """Every method x dataset x metric that has a paper number: the mean's distance and the classes'."""
-    columns = ["variant", "board", "protocol", "metric", "measured", "expected", "diff", "status",
-               "classes_with_reference", "reproduced", "below", "above", "mean_abs_diff", "setting",
-               "source", "note"]
+    """Every method x dataset x metric that has a paper number: the mean's distance and the classes'
+    (``average`` = ``mean``), then each OpenOOD group mean with a paper number or a note saying why
+    it was not compared (``average`` = the group)."""
     out = []
     index = by_key(expected)
     for (variant, board, protocol, metric), g in board_table.groupby(
@@ -176,21 +241,23 @@ def reproduction(board_table: pd.DataFrame, expected: pd.DataFrame) -> pd.DataFr
         if (g["method"].iloc[0], g["dataset"].iloc[0], protocol, metric) not in index:
             continue
         mean = g[g["is_mean"]].iloc[0]
-        classes = g[~g["is_mean"] & g["expected"].notna()]
+        classes = g[~g["is_mean"] & ~g["is_group"] & g["expected"].notna()]
         counts = classes["status"].value_counts()
         first = mean if pd.notna(mean["expected"]) else (classes.iloc[0] if len(classes) else None)
         note = mean["note"] if isinstance(mean["note"], str) else None
         if first is None:
             note = note or "the paper's classes or setting are not among the measured ones"
         out.append({"variant": variant, "board": board, "protocol": protocol, "metric": metric,
-                    "measured": mean["mean"], "expected": mean["expected"], "diff": mean["diff"],
-                    "status": mean["status"], "classes_with_reference": len(classes),
+                    "average": MEAN_COLUMN, "measured": mean["mean"], "expected": mean["expected"],
+                    "diff": mean["diff"], "status": mean["status"], "classes_with_reference": len(classes),
                     "reproduced": int(counts.get("reproduced", 0)), "below": int(counts.get("below", 0)),
                     "above": int(counts.get("above", 0)),
                     "mean_abs_diff": float(classes["diff"].abs().mean()) if len(classes) else np.nan,
                     "setting": None if first is None else first["setting"],
                     "source": None if first is None else first["source"], "note": note})
-    return pd.DataFrame(out, columns=columns)
+        out += [_group_reproduction(r) for r in g[g["is_group"]].to_dict("records")
+                if pd.notna(r["expected"]) or isinstance(r["note"], str)]
+    return pd.DataFrame(out, columns=REPRODUCTION_COLUMNS)
 
 
 def failures(rows: pd.DataFrame) -> pd.DataFrame:

@@ -146,3 +146,40 @@ def write_fcdd(root: Path, name: str, sizes: list[tuple[int, int]], n_normal: in
         save_png(root / "test" / name / "anomalous" / f"a{i}.png", image)
         if masks:
             save_png(root / "ground_truth" / name / f"a{i}_mask.png", mask)
+
+
+def save_jpeg(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=95)
+    return path
+
+
+TIN_WNIDS = ("n09256479", "n01443537", "n04067472")  # wnids.txt order, not sorted (as in the real file)
+
+
+def write_tiny_imagenet(root: Path, wnids=TIN_WNIDS, train_per_class: int = 2, val_per_class: int = 2) -> dict:
+    """tiny-imagenet-200 layout: wnids.txt, words.txt, train/<wnid>/images/<wnid>_<i>.JPEG (+ boxes
+    file), val/images/val_<k>.JPEG and val/val_annotations.txt (classes interleaved). Every image is
+    flat, 64×64, grey level 20 + 9 k (k counting the side's images as written: JPEG keeps a flat image
+    within ±1); val image 1 is a greyscale JPEG (the real set has some). Returns
+    {"train": {wnid: [levels]}, "val": [(file name, wnid, level), ...]}."""
+    base = root / "tiny-imagenet-200"
+    base.mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (base / "words.txt").write_text("".join(f"{w}\tthing {i}, other name\n" for i, w in enumerate(wnids)))
+    train: dict[str, list[int]] = {}
+    for wnid in wnids:
+        for i in range(train_per_class):
+            level = 20 + 9 * sum(len(v) for v in train.values())
+            save_jpeg(base / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", np.full((64, 64, 3), level, np.uint8))
+            train.setdefault(wnid, []).append(level)
+        (base / "train" / wnid / f"{wnid}_boxes.txt").write_text(
+            "".join(f"{wnid}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(train_per_class)))
+    val = []
+    for k in range(len(wnids) * val_per_class):
+        wnid, level = wnids[k % len(wnids)], 20 + 9 * k
+        shape = (64, 64) if k == 1 else (64, 64, 3)
+        save_jpeg(base / "val" / "images" / f"val_{k}.JPEG", np.full(shape, level, np.uint8))
+        val.append((f"val_{k}.JPEG", wnid, level))
+    (base / "val" / "val_annotations.txt").write_text("".join(f"{n}\t{w}\t0\t0\t63\t63\n" for n, w, _ in val))
+    return {"train": train, "val": val}

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from data import DataError, create_dataset
 from data.datasets.cifar100 import COARSE_CLASSES, FINE_CLASSES
 from data.protocols import make_splits
-from data_writers import CIFAR10_NAMES, save_png, write_cifar10, write_cifar100, write_mnist, write_svhn
+from data_writers import (CIFAR10_NAMES, TIN_WNIDS, save_jpeg, save_png, write_cifar10, write_cifar100, write_mnist,
+                          write_svhn, write_tiny_imagenet)
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -176,3 +177,69 @@ def test_places365_val_with_per_class_limit(tmp_path):
     assert raw.images[:, 0, 0, 0].tolist() == [0, 10, 20, 30]
     with pytest.raises(DataError, match="categories_places365.txt"):
         create_dataset("places365", {"root": str(tmp_path / "none")}).classes()
+
+
+def flat_levels(images) -> np.ndarray:
+    """The grey level of flat images (N×H×W×C): their mean."""
+    return np.asarray(images, dtype=float).reshape(len(images), -1).mean(axis=1)
+
+
+def test_tin_reads_train_and_val_folders(tmp_path):
+    written = write_tiny_imagenet(tmp_path)
+    ds = create_dataset("tin", {"root": str(tmp_path)})
+    assert ds.classes() == sorted(TIN_WNIDS)
+    test = ds.load("test")
+    names, wnids, levels = zip(*written["val"])
+    assert test.images.shape == (6, 64, 64, 3) and test.images.dtype == np.uint8   # the grey JPEG as RGB
+    assert [ds.classes()[t] for t in test.targets] == list(wnids)                   # val_annotations order
+    assert [Path(p).name for p in test.meta["path"]] == list(names)
+    np.testing.assert_allclose(flat_levels(test.images), levels, atol=1.5)
+    train = ds.load("train")
+    assert [ds.classes()[t] for t in train.targets] == [w for w in sorted(TIN_WNIDS) for _ in range(2)]
+    np.testing.assert_allclose(flat_levels(train.images), [v for w in sorted(TIN_WNIDS) for v in written["train"][w]],
+                               atol=1.5)
+    one = ds.load("test", [TIN_WNIDS[1]])
+    assert len(one.targets) == 2 and set(one.targets.tolist()) == {sorted(TIN_WNIDS).index(TIN_WNIDS[1])}
+
+
+def test_tin_image_list_restricts_the_val_images(tmp_path):
+    written = write_tiny_imagenet(tmp_path)
+    listing = tmp_path / "test_tin.txt"
+    listing.write_text("tiny-imagenet-200/val/images/val_4.JPEG -1\n\ntiny-imagenet-200/val/images/val_1.JPEG -1\n")
+    test = create_dataset("tin", {"root": str(tmp_path), "image_list": str(listing)}).load("test")
+    assert [Path(p).name for p in test.meta["path"]] == ["val_4.JPEG", "val_1.JPEG"]
+    assert [sorted(TIN_WNIDS)[t] for t in test.targets] == [written["val"][4][1], written["val"][1][1]]
+    np.testing.assert_allclose(flat_levels(test.images), [written["val"][4][2], written["val"][1][2]], atol=1.5)
+    # OpenOOD's own folder (images_root): the class is the wnid folder in the path
+    classic = tmp_path / "images_classic"
+    save_jpeg(classic / "tin" / "test" / TIN_WNIDS[2] / "x.JPEG", np.full((64, 64, 3), 99, np.uint8))
+    listing.write_text(f"tin/test/{TIN_WNIDS[2]}/x.JPEG 0\n")
+    params = {"root": str(tmp_path), "image_list": str(listing), "images_root": str(classic)}
+    test = create_dataset("tin", params).load("test")
+    assert test.targets.tolist() == [sorted(TIN_WNIDS).index(TIN_WNIDS[2])] and len(test.images) == 1
+    listing.write_text("tin/test/missing.JPEG -1\n")
+    with pytest.raises(DataError, match=r"test_tin.txt line 1: .*missing.JPEG not found"):
+        create_dataset("tin", params).load("test")
+    with pytest.raises(ValidationError, match="give image_list too"):
+        create_dataset("tin", {"root": str(tmp_path), "images_root": str(classic)})
+
+
+def test_tin_without_its_folder_says_what_to_place_where(tmp_path):
+    ds = create_dataset("tin", {"root": str(tmp_path / "nothing")})
+    for call in (ds.classes, lambda: ds.load("test")):
+        with pytest.raises(DataError) as err:
+            call()
+        message = str(err.value)
+        assert str(tmp_path / "nothing" / "tiny-imagenet-200" / "wnids.txt") in message
+        assert "http://cs231n.stanford.edu/tiny-imagenet-200.zip" in message
+
+
+def test_tin_as_an_ood_set_is_resized_to_the_id_images(tmp_path):
+    write_cifar10(tmp_path / "cifar10")
+    written = write_tiny_imagenet(tmp_path / "tin")
+    _, [(name, test)] = make_splits("cifar10", {"root": str(tmp_path / "cifar10")}, "ood", "all", ood=["tin"],
+                                    ood_params={"tin": {"root": str(tmp_path / "tin")}})
+    assert name == "tin" and test.meta["ood_set"] == "tin" and "ood=tin" in test.key
+    assert test.images.shape == (20 + 6, 32, 32, 3) and test.labels.tolist() == [0] * 20 + [1] * 6
+    assert (test.targets[20:] == -1).all()
+    np.testing.assert_allclose(flat_levels(test.images[20:]), [v for _, _, v in written["val"]], atol=1.5)

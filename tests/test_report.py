@@ -464,3 +464,147 @@ def test_compare_with_a_folder_without_rows_fails_clearly(tmp_path):
     run = write_rows(tmp_path / "one", main_run_rows()[:2])
     with pytest.raises(FileNotFoundError, match="no rows/ folder"):
         build_report(run, compare=tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- OpenOOD near-ood / far-ood groups
+
+NEAR, FAR = ("cifar100", "tin"), ("mnist", "svhn", "dtd", "places365")
+OOD_SHIFTS = {"cifar100": 0.8, "tin": 1.1, "mnist": 2.5, "svhn": 1.9, "dtd": 1.6, "places365": 1.3}
+
+
+def ood_rows(sets, seeds=(0, 1), method: str = "msp") -> list[dict]:
+    """One ok row per (seed, OOD set) of a cifar10 ood cell, with an accuracy; shifts differ per set."""
+    rows = []
+    for seed in seeds:
+        rng = np.random.default_rng(100 + seed)
+        for name in sets:
+            row = make_row(method, "cifar10", "ood", "all", seed, ood_set=name, shift=OOD_SHIFTS[name],
+                           n=(40, 50), rng=rng)
+            row["accuracy"] = 0.945 + 0.01 * seed
+            rows.append(row)
+    return rows
+
+
+def independent_group(rows: list[dict], sets) -> dict:
+    """A group's mean, std over seeds and 95% interval recomputed from the rows alone: per seed the
+    mean over the group's sets of sklearn's AUROC; per resample the mean over sets of the mean over
+    seeds of each row's own bootstrap (the row's seed, as the report draws it)."""
+    from reports import bootstrap as b
+
+    here = [r for r in rows if r["ood_set"] in sets]
+    seeds = sorted({r["seed"] for r in here})
+    auroc = {(r["seed"], r["ood_set"]): roc_auc_score(r["labels"], r["image_scores"]) for r in here}
+    per_seed = [np.mean([auroc[(s, o)] for o in sets]) for s in seeds]
+    per_set = [np.mean([auroc[(s, o)] for s in seeds]) for o in sets]
+    draws = {}
+    for r in here:
+        labels = np.asarray(r["labels"])
+        draws[(r["seed"], r["ood_set"])] = b.resample_metrics(
+            labels, [r["image_scores"]], ("image_auroc",), b.resamples_for(labels.size),
+            b.row_seed(r["cell_id"]))["image_auroc"][:, 0]
+    resampled = np.mean([np.mean([draws[(s, o)] for s in seeds], axis=0) for o in sets], axis=0)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return {"mean": float(np.mean(per_set)), "std": float(np.std(per_seed, ddof=1)), "ci_low": low, "ci_high": high}
+
+
+def group_expected_csv(path: Path, near: float, far: float) -> Path:
+    """A small reference table: OpenOOD-style near / far numbers for msp, an ID accuracy, and a
+    far-ood number for a method the run does not measure."""
+    path.write_text(
+        "method,dataset,protocol,normal_class,metric,value,setting,source\n"
+        f"msp,cifar10,ood,all,image_auroc,{near:.4f},\"near-ood; ResNet18 100ep, postproc=MSP\",test table A\n"
+        f"msp,cifar10,ood,all,image_auroc,{far:.4f},\"far-ood; ResNet18 100ep, postproc=MSP\",test table A\n"
+        "msp,cifar10,ood,all,accuracy,0.9506,\"id; ResNet18 100ep\",test table A\n"
+        "gram,cifar10,ood,all,image_auroc,0.7173,\"far-ood; ResNet18 100ep\",test table A\n")
+    return path
+
+
+def group_board(rows: list[dict], expected_path: Path, metric: str = "image_auroc") -> pd.DataFrame:
+    from reports.expected import load_expected
+    from reports.rows import annotate
+    from reports.tables import leaderboards, row_distributions
+
+    frame = annotate(pd.DataFrame(rows))
+    table = leaderboards(frame, load_expected(expected_path), 1.0, row_distributions(frame))
+    return table[table["metric"] == metric]
+
+
+def test_openood_group_means_equal_an_independent_computation_and_match_the_paper(tmp_path):
+    rows = ood_rows(NEAR + FAR)
+    near, far = independent_group(rows, NEAR), independent_group(rows, FAR)
+    # near reproduced (0.4 points under the measured mean), far below (3 points over it)
+    csv = group_expected_csv(tmp_path / "expected.csv", near["mean"] - 0.004, far["mean"] + 0.03)
+    table = group_board(rows, csv)
+    assert set(table.loc[table["is_group"], "column"]) == {"near-ood", "far-ood"}
+    for name, want, status, sets in (("near-ood", near, "reproduced", 2), ("far-ood", far, "below", 4)):
+        got = cell(table, "msp", name)
+        assert not got["is_mean"] and got["is_group"]
+        assert got[["mean", "std", "ci_low", "ci_high"]].astype(float).tolist() == pytest.approx(
+            [want["mean"], want["std"], want["ci_low"], want["ci_high"]], abs=1e-9)
+        assert got["status"] == status and got["source"] == "test table A"
+        assert got["setting"].startswith(name) and got["diff"] == pytest.approx(got["mean"] - got["expected"])
+        assert (got["classes_measured"], got["classes_total"], got["seeds"]) == (sets, sets, 2)
+    mean = cell(table, "msp", "mean")                  # the overall mean: over all six sets, no group number
+    assert mean["mean"] == pytest.approx(independent_group(rows, NEAR + FAR)["mean"])
+    assert mean["status"] == "no reference" and "near-ood / far-ood" in mean["note"]
+    assert (mean["rank"], mean["classes_measured"]) == (1, 6)
+    assert set(table.loc[~table["is_mean"] & ~table["is_group"], "column"]) == set(NEAR + FAR)
+    accuracy = group_board(rows, csv, "accuracy")      # the same ID accuracy on every set: no group means
+    assert not accuracy["is_group"].any() and cell(accuracy, "msp", "mean")["status"] == "reproduced"
+
+
+def test_a_partly_measured_group_is_averaged_but_not_compared(tmp_path):
+    rows = ood_rows(("cifar100", "mnist", "svhn"))
+    csv = group_expected_csv(tmp_path / "expected.csv", 0.5, 0.5)
+    table = group_board(rows, csv)
+    near, far = cell(table, "msp", "near-ood"), cell(table, "msp", "far-ood")
+    assert near["mean"] == pytest.approx(independent_group(rows, ("cifar100",))["mean"])
+    assert far["mean"] == pytest.approx(independent_group(rows, ("mnist", "svhn"))["mean"])
+    sets = [(g["classes_measured"], g["classes_total"]) for g in (near, far)]
+    assert sets == [(1, 2), (2, 4)]
+    for got in (near, far):
+        assert pd.isna(got["expected"]) and got["status"] == "no reference" and got["ci_low"] < got["mean"]
+    assert "misses tin" in near["note"] and "misses dtd, places365" in far["note"]
+    # a whole group alone: the overall mean is that group's mean and takes its number, as before
+    alone = group_board(ood_rows(NEAR), group_expected_csv(tmp_path / "near.csv", 0.5, 0.5))
+    mean, group = cell(alone, "msp", "mean"), cell(alone, "msp", "near-ood")
+    assert mean["mean"] == pytest.approx(group["mean"]) and mean["expected"] == group["expected"] == 0.5
+    assert pd.isna(mean["note"]) and not (alone["column"] == "far-ood").any()
+    # part of one group alone: neither the group column nor the overall mean takes its number
+    part = group_board(ood_rows(("cifar100",)), group_expected_csv(tmp_path / "part.csv", 0.5, 0.5))
+    for column in ("mean", "near-ood"):
+        got = cell(part, "msp", column)
+        assert pd.isna(got["expected"]) and got["status"] == "no reference"
+        assert "not compared" in got["note"] and "tin" in got["note"]
+
+
+def test_group_references_and_membership():
+    from reports.expected import OOD_GROUPS, group_complete, group_of, ood_group_ok
+
+    assert OOD_GROUPS["cifar10"]["near-ood"] == ("cifar100", "tin")
+    assert OOD_GROUPS["cifar100"]["near-ood"] == ("cifar10", "tin")
+    assert group_of("far-ood; ResNet18", "cifar10") == "far-ood" and group_of("id; ResNet18", "cifar10") is None
+    assert group_of("near-ood; x", "mvtec") is None
+    assert group_complete("cifar10", "far-ood", {"mnist", "svhn", "textures", "places365"})   # OpenOOD's name
+    assert not group_complete("cifar10", "far-ood", {"mnist", "svhn", "dtd"})
+    assert ood_group_ok("far-ood; x", "cifar10", {"textures", "svhn"})
+    assert not ood_group_ok("far-ood; x", "cifar10", {"tin"}) and ood_group_ok("id; x", "cifar10", {"tin"})
+
+
+def test_report_shows_group_columns_table_and_reproduction_rows(tmp_path_factory, tmp_path):
+    rows = ood_rows(NEAR + FAR)
+    csv = group_expected_csv(tmp_path / "expected.csv", independent_group(rows, NEAR)["mean"],
+                             independent_group(rows, FAR)["mean"] + 0.03)
+    report = built(tmp_path_factory, "groups", rows, expected_path=csv)
+    repro = pd.read_parquet(report / "reproduction.parquet")
+    auroc = repro[repro["metric"] == "image_auroc"].set_index("average")
+    assert auroc.loc["near-ood", "status"] == "reproduced" and auroc.loc["far-ood", "status"] == "below"
+    assert auroc.loc["mean", "status"] == "no reference"
+    assert set(pd.read_parquet(report / "leaderboard.parquet").query("is_group")["column"]) == {"near-ood", "far-ood"}
+    md, page = (report / "report.md").read_text(), (report / "report.html").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| # | method | cifar100"))
+    assert "| near-ood | far-ood | mean ± std |" in header
+    assert "OpenOOD groups" in md and 'data-name="groups:cifar10:ood:image_auroc"' in page
+    groups = md.split("OpenOOD groups (per method")[1].split("\n\n")[1].splitlines()
+    near_line = next(line for line in groups if "| near-ood |" in line)
+    assert "| 2/2 |" in near_line and "reproduced" in near_line
