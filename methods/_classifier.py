@@ -49,7 +49,7 @@ from pydantic import Field, model_validator
 
 from data.base import Split
 from data.transforms import Transform, to_tensor
-from methods.base import MethodParams, RunContext, check_finite
+from methods.base import Method, MethodParams, RunContext, check_finite
 
 log = logging.getLogger("adgrid.classifier")
 
@@ -691,3 +691,47 @@ def softmax_np(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+class PostHocMethod(Method):
+    """A score computed on the shared classifier, in the shape of OpenOOD's post-processors
+    (``openood/postprocessors/base_postprocessor.py``: ``setup`` on the training data, then
+    ``postprocess`` per batch). ``fit`` trains or loads the classifier once per (split, recipe, seed)
+    through the worker cache, then calls ``setup``; subclasses implement ``setup`` (statistics of
+    the training set, if any), ``score`` and ``describe`` (what their score is, for
+    ``resolved_params``)."""
+
+    Params = ClassifierParams
+    protocols = {"ood", "osr"}
+
+    def __init__(self, params: ClassifierParams, ctx: RunContext):
+        super().__init__(params, ctx)
+        self.clf: Classifier | None = None
+        self.data: TrainData | None = None
+
+    def fit(self, train: Split) -> None:
+        self.data = train_data(self.params, train)
+        self.clf = shared_classifier(self.ctx, train, self.params, self.data)
+        self.setup(train)
+
+    def setup(self, train: Split) -> None:
+        """Statistics of the training set under ``self.clf`` (none for MSP)."""
+
+    def logits(self, split: Split) -> np.ndarray:
+        """The classifier's float64 logits of ``split`` (run once per split, shared in the cache)."""
+        return classifier_outputs(self.ctx, self.clf, split)["logits"].astype(np.float64)
+
+    def describe(self) -> dict:
+        """The method's own resolved set-up beyond its params (its score, layers...)."""
+        return {}
+
+    def resolved_params(self) -> dict:
+        out = self.params.model_dump(mode="json")
+        out.update(describe_recipe(self.params, self.data, self.clf.source if self.clf else None), **self.describe())
+        return out
+
+    @classmethod
+    def affinity_key(cls, params) -> tuple:
+        if isinstance(params, dict):
+            params = cls.Params(**params)
+        return classifier_affinity(params)

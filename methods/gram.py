@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from data.base import Split
-from methods._classifier import (ClassifierParams, classifier_affinity, describe_recipe, shared_classifier,
-                                 train_data)
-from methods.base import Method, RunContext, Scores, register
+from methods._classifier import ClassifierParams, PostHocMethod
+from methods.base import RunContext, Scores, register
 
 EPS = 1e-6
 
@@ -133,17 +132,14 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 @register("gram")
-class Gram(Method):
+class Gram(PostHocMethod):
     """Gram-matrix deviations (Sastry & Oore, ICML 2020, Eqs. 2-4) on the shared classifier."""
 
     Params = GramParams
-    protocols = {"ood", "osr"}
     paper = "Sastry & Oore, Detecting Out-of-Distribution Examples with Gram Matrices, ICML 2020"
 
     def __init__(self, params: GramParams, ctx: RunContext):
         super().__init__(params, ctx)
-        self.clf = None
-        self.data = None
         self.collector: GramCollector | None = None
         self.normalizers: torch.Tensor | None = None
         self.n_val = 0
@@ -170,10 +166,8 @@ class Gram(Method):
             return None, None
         return torch.cat(logits), torch.cat(devs)
 
-    def fit(self, train: Split) -> None:
+    def setup(self, train: Split) -> None:
         p = self.params
-        self.data = train_data(p, train)
-        self.clf = shared_classifier(self.ctx, train, p, self.data)
         self.clf.net.eval()
         y = self.data.y.numpy()
         val = validation_split(y, p.val_fraction, self.ctx.seed)
@@ -200,17 +194,8 @@ class Gram(Method):
         image = total / conf if self.params.confidence_weighted else total
         return Scores(image=image.astype(np.float64), pred=logits.argmax(dim=1).numpy())
 
-    def resolved_params(self) -> dict:
-        out = self.params.model_dump(mode="json")
-        out.update(describe_recipe(self.params, self.data, self.clf.source if self.clf else None),
-                   layers="outputs of every Conv2d and nn.ReLU module (OpenOOD FeatureExtractor)",
-                   n_layers=len(self.collector.mins) if self.collector else None, n_val=self.n_val,
-                   gram_reduction="row sums of the Gram matrix (released code / OpenOOD G_p)",
-                   score="sum_l delta_l / E_va[delta_l]" + (" / max softmax" if self.params.confidence_weighted else ""))
-        return out
-
-    @classmethod
-    def affinity_key(cls, params) -> tuple:
-        if isinstance(params, dict):
-            params = cls.Params(**params)
-        return classifier_affinity(params)
+    def describe(self) -> dict:
+        return {"layers": "outputs of every Conv2d and nn.ReLU module (OpenOOD FeatureExtractor)",
+                "n_layers": len(self.collector.mins) if self.collector else None, "n_val": self.n_val,
+                "gram_reduction": "row sums of the Gram matrix (released code / OpenOOD G_p)",
+                "score": "sum_l delta_l / E_va[delta_l]" + (" / max softmax" if self.params.confidence_weighted else "")}

@@ -13,12 +13,10 @@ postprocessor (``openood/postprocessors/base_postprocessor.py``: softmax, max) i
 """
 from __future__ import annotations
 
-import numpy as np
 
 from data.base import Split
-from methods._classifier import (ClassifierParams, classifier_affinity, classifier_outputs, describe_recipe,
-                                 shared_classifier, softmax_np, train_data)
-from methods.base import Method, RunContext, Scores, register
+from methods._classifier import ClassifierParams, PostHocMethod, softmax_np
+from methods.base import Scores, register
 
 
 class MSPParams(ClassifierParams):
@@ -26,35 +24,15 @@ class MSPParams(ClassifierParams):
 
 
 @register("msp")
-class MSP(Method):
+class MSP(PostHocMethod):
     """Maximum softmax probability baseline (Hendrycks & Gimpel 2017); score = −max softmax."""
 
     Params = MSPParams
-    protocols = {"ood", "osr"}
     paper = "Hendrycks & Gimpel, A Baseline for Detecting Misclassified and OOD Examples, ICLR 2017"
 
-    def __init__(self, params: MSPParams, ctx: RunContext):
-        super().__init__(params, ctx)
-        self.clf = None
-        self.data = None
-
-    def fit(self, train: Split) -> None:
-        self.data = train_data(self.params, train)
-        self.clf = shared_classifier(self.ctx, train, self.params, self.data)
-
     def score(self, test: Split) -> Scores:
-        logits = classifier_outputs(self.ctx, self.clf, test)["logits"].astype(np.float64)
-        prob = softmax_np(logits)
-        return Scores(image=-prob.max(axis=1), pred=logits.argmax(axis=1))
+        logits = self.logits(test)
+        return Scores(image=-softmax_np(logits).max(axis=1), pred=logits.argmax(axis=1))
 
-    def resolved_params(self) -> dict:
-        out = self.params.model_dump(mode="json")
-        out.update(describe_recipe(self.params, self.data, self.clf.source if self.clf else None),
-                   score="-max_k softmax(logits)_k")
-        return out
-
-    @classmethod
-    def affinity_key(cls, params) -> tuple:
-        if isinstance(params, dict):
-            params = cls.Params(**params)
-        return classifier_affinity(params)
+    def describe(self) -> dict:
+        return {"score": "-max_k softmax(logits)_k"}

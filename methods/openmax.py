@@ -33,9 +33,8 @@ from pydantic import Field
 from scipy import stats
 
 from data.base import Split
-from methods._classifier import (ClassifierParams, classifier_affinity, classifier_outputs, describe_recipe,
-                                 shared_classifier, train_data)
-from methods.base import Method, RunContext, Scores, register
+from methods._classifier import ClassifierParams, PostHocMethod
+from methods.base import RunContext, Scores, register
 
 TRANSLATE_AMOUNT = 1.0   # libmr.MR() default in the Python wrapper (python/libmr.pyx)
 
@@ -99,27 +98,22 @@ def openmax_probabilities(av: np.ndarray, means: np.ndarray, tails: list[Weibull
 
 
 @register("openmax")
-class OpenMax(Method):
+class OpenMax(PostHocMethod):
     """OpenMax (Bendale & Boult, CVPR 2016, Algs. 1-2): unknown-class probability on the shared
     classifier's logits."""
 
     Params = OpenMaxParams
-    protocols = {"ood", "osr"}
     paper = "Bendale & Boult, Towards Open Set Deep Networks, CVPR 2016"
 
     def __init__(self, params: OpenMaxParams, ctx: RunContext):
         super().__init__(params, ctx)
-        self.clf = None
-        self.data = None
         self.means: np.ndarray | None = None
         self.tails: list[WeibullTail] = []
         self.n_correct: list[int] = []
 
-    def fit(self, train: Split) -> None:
+    def setup(self, train: Split) -> None:
         p = self.params
-        self.data = train_data(p, train)
-        self.clf = shared_classifier(self.ctx, train, p, self.data)
-        av = classifier_outputs(self.ctx, self.clf, train)["logits"].astype(np.float64)
+        av = self.logits(train)
         y = self.data.y.numpy()
         correct = av.argmax(axis=1) == y
         means, self.tails, self.n_correct = [], [], []
@@ -138,20 +132,12 @@ class OpenMax(Method):
 
     def score(self, test: Split) -> Scores:
         p = self.params
-        av = classifier_outputs(self.ctx, self.clf, test)["logits"].astype(np.float64)
+        av = self.logits(test)
         prob = openmax_probabilities(av, self.means, self.tails, p.alpha, p.distance, p.eu_weight)
         return Scores(image=prob[:, -1], pred=av.argmax(axis=1))
 
-    def resolved_params(self) -> dict:
-        out = self.params.model_dump(mode="json")
-        out.update(describe_recipe(self.params, self.data, self.clf.source if self.clf else None),
-                   activation_vector="logits", alpha_used=min(self.params.alpha, self.data.num_classes)
-                   if self.data else None, weibull="libMR FitHigh, translate_amount 1 (scipy weibull_min MLE)",
-                   n_correct_per_class=self.n_correct, score="OpenMax probability of the unknown class")
-        return out
-
-    @classmethod
-    def affinity_key(cls, params) -> tuple:
-        if isinstance(params, dict):
-            params = cls.Params(**params)
-        return classifier_affinity(params)
+    def describe(self) -> dict:
+        return {"activation_vector": "logits",
+                "alpha_used": min(self.params.alpha, self.data.num_classes) if self.data else None,
+                "weibull": "libMR FitHigh, translate_amount 1 (scipy weibull_min MLE)",
+                "n_correct_per_class": self.n_correct, "score": "OpenMax probability of the unknown class"}
