@@ -48,13 +48,15 @@ def two_node_cluster(tmp_path):
     # as with an activated virtual environment: `python` in a job's entrypoint is this one
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    # every port on its own: another Ray on this machine (a user's run) holds the default ones, and
+    # a job agent that cannot bind 52365 leaves `ray job submit` with "No available agent"
     port, dash = free_port(), free_port()
     # Ray's socket paths must stay under the 107-byte Unix limit: pytest's tmp_path is too deep
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     head = subprocess.Popen(
         [ray_bin(), "start", "--head", "--block", "--node-ip-address=127.0.0.2", f"--port={port}",
          "--num-cpus=1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={ray_tmp}"],
+         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={ray_tmp}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.2:{port}"
     deadline = time.time() + 120
@@ -67,7 +69,8 @@ def two_node_cluster(tmp_path):
         pytest.fail("the head node did not start within 120 s")
     node_log = open(tmp_path / "node.log", "w")
     node = subprocess.Popen(
-        [ray_bin(), "start", "--block", "--node-ip-address=127.0.0.3", f"--address={address}", "--num-cpus=1"],
+        [ray_bin(), "start", "--block", "--node-ip-address=127.0.0.3", f"--address={address}", "--num-cpus=1",
+         f"--dashboard-agent-listen-port={free_port()}"],
         env=env, start_new_session=True, stdout=node_log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -120,7 +123,8 @@ def test_grid_over_address_uses_both_nodes(two_node_cluster, tmp_path):
 def test_ray_job_submit(two_node_cluster, tmp_path):
     _, dashboard, env = two_node_cluster
     work = tmp_path / "repo"
-    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "results", ".venv", "__pycache__"))
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "results", ".venv", "__pycache__",
+                                                              "reproductions"))
     grid = write_grid(work / "g.yaml", textwrap.dedent(GRID))
     results = tmp_path / "results"
     run_or_fail([ray_bin(), "job", "submit", f"--address={dashboard}", "--working-dir", str(work), "--",
