@@ -11,6 +11,9 @@
   PaDiM and OrthoAD over any number of seeds share one forward pass per image. An entry keeps the
   union of the layers asked for (and every stage up to the deepest one asked for), so a later
   request for other layers of the same pass is a hit.
+* ``FrozenFeatureMethod.derived`` caches a seed-independent artefact computed from the features
+  (PatchCore's embedded patch matrix) in the same cache, under the features' key plus every
+  parameter it depends on, so a second seed skips the backbone and that stage too.
 * ``FrozenFeatureParams`` / ``FrozenFeatureMethod`` are the common base of the frozen-feature
   methods (transform, affinity key, resolved params).
 """
@@ -24,7 +27,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -525,6 +528,24 @@ class FrozenFeatureMethod(Method):
         return extract_features(split, self.ctx, backbone=p.backbone, layers=layers or p.layers,
                                 transform=self.transform, pretrained=p.pretrained, weights=p.weights,
                                 batch_size=p.batch_size)
+
+    def features_key(self, split: Split) -> tuple:
+        """The feature cache's key for ``split`` under this method's backbone, weights and transform.
+        Records ``ctx.weights_sha256`` as ``extract_features`` does, so a cell served entirely by a
+        derived artefact still names the weights file behind it."""
+        p = self.params
+        ref = resolve_weights(p.backbone, p.pretrained, p.weights)
+        if ref.sha256:
+            self.ctx.weights_sha256 = ref.sha256
+        return feature_key(p.backbone, ref.id, self.transform, split.key)
+
+    def derived(self, split: Split, kind: str, depends_on: dict, compute: Callable[[], Any]) -> Any:
+        """A seed-independent artefact computed from ``split``'s features (e.g. PatchCore's patch
+        embedding), held in the same per-worker cache under (kind, the features' key, depends_on).
+        ``depends_on`` must name every parameter the artefact reads beyond the features, and nothing
+        seeded may enter ``compute``. A miss counts against ``ctx.cache_hit`` like a feature miss."""
+        key = (kind, self.features_key(split), _hashable(depends_on))
+        return self.ctx.cached(key, compute)
 
     def resolved_params(self) -> dict:
         out = self.params.model_dump(mode="json")

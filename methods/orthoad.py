@@ -84,27 +84,30 @@ class OrthoAD(MahalanobisMapMethod):
             off += c
             if z.shape[-2:] != hw:
                 z = F.interpolate(z, size=hw, mode="nearest")
-            out = z if out is None else out + z
+            out = z if out is None else out.add_(z)  # out is this call's own tensor
         return out
 
     def fit(self, train: Split) -> None:
         n, s1, s2 = 0, None, None
         for z in self._batches(train):
             b, k, h, w = z.shape
-            z = z.reshape(b, k, h * w).double()
+            z = z.reshape(b, k, h * w)
             if s1 is None:
                 s1 = torch.zeros(h * w, k, dtype=torch.float64, device=z.device)
                 s2 = torch.zeros(h * w, k, k, dtype=torch.float64, device=z.device)
                 self.feature_hw = (h, w)
-            s1 += z.sum(0).T
-            s2 += torch.einsum("bkp,bjp->pkj", z, z)
+            step = _position_chunk(k, b, z.device)
+            for s in range(0, h * w, step):
+                zc = z[:, :, s:s + step].permute(2, 0, 1).double().contiguous()  # c×b×k
+                s1[s:s + step] += zc.sum(1)
+                s2[s:s + step].baddbmm_(zc.transpose(1, 2), zc)  # sum over images of z z^T
             n += b
         mean = s1 / n
         prec = torch.empty(s2.shape, dtype=torch.float32, device=s2.device)
-        step = _position_chunk(self.k, 0)
+        step = _position_chunk(self.k, 0, s2.device)
         for s in range(0, len(mean), step):
             m = mean[s:s + step]
-            cov = s2[s:s + step] / n - m[:, :, None] * m[:, None, :]  # biased, as the authors' code
+            cov = torch.baddbmm(s2[s:s + step], m[:, :, None], m[:, None, :], beta=1 / n, alpha=-1)  # biased
             prec[s:s + step] = precision_from_cov(cov, self.params.eps).float()
         self.mean, self.prec = mean.float(), prec
 

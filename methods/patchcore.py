@@ -6,11 +6,15 @@ Pipeline (Sec. 3 of the paper; equation numbers as in arXiv v2):
   (WRN50-2 layer2 + layer3) of a frozen ImageNet backbone; each position is aggregated over its
   p×p neighbourhood (p = 3); the deeper map is bilinearly up-sampled to the shallower one; each
   layer's neighbourhood vector is adaptively average-pooled to ``pretrain_embed_dim`` and the
-  stacked layers to ``target_embed_dim`` (1024 / 1024, the reference code's defaults);
+  stacked layers to ``target_embed_dim`` (1024 / 1024, the reference code's defaults). This stage
+  has no random step, so the embedded patch matrix of a split is cached beside its backbone
+  features and shared by every seed; ``aggregation: avg_pool`` is anomalib's variant instead
+  (each map p×p average-pooled, zero padding counted, the layers concatenated, no pooling of
+  dimensions: D = the sum of the layers' channels), for like-for-like comparisons with it;
 * the memory bank M (Eq. 3-4) is reduced by greedy k-center coreset subsampling (Sec. 3.2,
   the minimax objective Eq. 5 approximated by Algorithm 1) on a random linear projection
   (Johnson-Lindenstrauss) to 128 dimensions, starting from the mean distance to 10 random points
-  (the reference ``ApproximateGreedyCoresetSampler``);
+  (the reference ``ApproximateGreedyCoresetSampler``); the seed enters here and only here;
 * scoring (Sec. 3.3, Eq. 6-7): the patch score is the L2 distance to the nearest memory-bank
   patch (faiss exact search); the image score s* is the maximum patch score, re-weighted by
   w = 1 - exp||m_test,* - m*|| / sum_{m in N_b(m*)} exp||m_test,* - m|| (Eq. 7);
@@ -47,16 +51,22 @@ def pairwise_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def greedy_k_center(z: torch.Tensor, n: int, min_dist: torch.Tensor) -> np.ndarray:
     """Algorithm 1 of the paper (Sener & Savarese's k-center greedy): ``n`` times, pick the point
     farthest from the selected set (argmax_m min_n ||psi(m) - psi(n)||, the greedy step for the
-    minimax objective of Eq. 5), where the
-    distance of the empty set is ``min_dist`` (the starting distances)."""
-    min_dist = min_dist.clone().to(z)
-    sq = (z * z).sum(1)
+    minimax objective of Eq. 5), where the distance of the empty set is ``min_dist`` (the starting
+    distances). As the reference sampler, each step updates the minimum distances incrementally
+    with one matrix-vector product against the new centre; here on squared distances (squaring
+    non-negative values keeps every argmax, and saves a square root per point per step) and with
+    the points stored D×N, the layout whose product streams the bank once (about 4x faster on one
+    CPU thread than the N×D one)."""
+    z_t = z.T.contiguous()
+    sq_norms = (z * z).sum(1)
+    min_d2 = min_dist.to(z).square()
+    d2 = torch.empty_like(sq_norms)
     picked = np.empty(n, dtype=np.int64)
     for t in range(n):
-        i = int(torch.argmax(min_dist))
+        i = int(torch.argmax(min_d2))
         picked[t] = i
-        d = (sq - 2 * (z @ z[i]) + sq[i]).clamp_min_(0).sqrt_()
-        min_dist = torch.minimum(min_dist, d)
+        torch.addmv(sq_norms, z_t.T, z[i], alpha=-2, out=d2).add_(sq_norms[i])  # ||z_j - z_i||^2, all j
+        torch.minimum(min_d2, d2, out=min_d2)
     return picked
 
 
@@ -113,9 +123,13 @@ def knn(index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 # ----------------------------------------------------------------------------- method
+AGGREGATIONS = ("reference", "avg_pool")
+
+
 class PatchCoreParams(FrozenFeatureParams):
     layers: list[str] = ["layer2", "layer3"]
     patch_size: int = 3                 # neighbourhood p of Eq. 1
+    aggregation: str = "reference"      # f_agg of Eq. 1: reference code | anomalib's avg_pool
     pretrain_embed_dim: int = 1024      # per-layer adaptive pooling (reference code)
     target_embed_dim: int = 1024        # final adaptive pooling (reference code)
     coreset_ratio: float = 0.1          # |M_C| / |M|, 10% in the paper's main results
@@ -141,6 +155,20 @@ class PatchCoreParams(FrozenFeatureParams):
             raise ValueError("must be positive")
         return v
 
+    @field_validator("patch_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("patch_size must be odd (the neighbourhood is centred on its patch)")
+        return v
+
+    @field_validator("aggregation")
+    @classmethod
+    def _aggregation(cls, v: str) -> str:
+        if v not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}")
+        return v
+
 
 @register("patchcore")
 class PatchCore(FrozenFeatureMethod):
@@ -160,6 +188,8 @@ class PatchCore(FrozenFeatureMethod):
         """Layer maps (B×C_l×h_l×w_l, shallowest first) -> B×(h·w)×D patch features."""
         p = self.params
         ref_hw = tuple(layer_feats[0].shape[-2:])
+        if p.aggregation == "avg_pool":
+            return self._embed_avg_pool(layer_feats, ref_hw), ref_hw
         pooled = []
         for f in layer_feats:
             f = f.to(self.ctx.device, torch.float32)
@@ -174,19 +204,44 @@ class PatchCore(FrozenFeatureMethod):
         x = F.adaptive_avg_pool1d(x, p.target_embed_dim)[:, 0]
         return x.reshape(layer_feats[0].shape[0], ref_hw[0] * ref_hw[1], -1), ref_hw
 
-    def _embed_split(self, split: Split):
+    def _embed_avg_pool(self, layer_feats: list[torch.Tensor], ref_hw: tuple[int, int]) -> torch.Tensor:
+        """anomalib's PatchcoreModel: AvgPool2d(p, 1, p // 2) of each map (zero padding counted in
+        the mean), deeper maps bilinearly up-sampled to the first grid, channels concatenated."""
+        p = self.params
+        maps = []
+        for f in layer_feats:
+            f = F.avg_pool2d(f.to(self.ctx.device, torch.float32), p.patch_size, stride=1,
+                             padding=p.patch_size // 2)
+            if tuple(f.shape[-2:]) != ref_hw:
+                f = F.interpolate(f, size=ref_hw, mode="bilinear", align_corners=False)
+            maps.append(f)
+        x = torch.cat(maps, dim=1)
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], ref_hw[0] * ref_hw[1], x.shape[1])
+
+    def embedding(self, split: Split) -> torch.Tensor:
+        """N×h×w×D patch features of ``split`` (CPU float32), through the feature cache: Eq. 1-2
+        have no random step, so one embedding serves every seed. Keyed on the features' key plus
+        everything the embedding reads: layers, p, the aggregation and, for the reference one,
+        both pooled dimensions. Shared with the cache: do not modify it in place."""
+        p = self.params
+        depends_on = dict(layers=p.layers, patch_size=p.patch_size, aggregation=p.aggregation)
+        if p.aggregation == "reference":
+            depends_on.update(pretrain_embed_dim=p.pretrain_embed_dim, target_embed_dim=p.target_embed_dim)
+        return self.derived(split, "patchcore-embedding", depends_on, lambda: self._compute_embedding(split))
+
+    def _compute_embedding(self, split: Split) -> torch.Tensor:
         feats = self.features(split)
-        n, bs = len(split), self.params.batch_size
-        for s in range(0, n, bs):
-            yield self.embed([feats[layer][s:s + bs] for layer in self.params.layers])
+        bs, chunks = self.params.batch_size, []
+        for s in range(0, len(split), bs):
+            emb, hw = self.embed([feats[layer][s:s + bs] for layer in self.params.layers])
+            chunks.append(emb.reshape(len(emb), *hw, emb.shape[-1]).cpu())
+        return torch.cat(chunks)
 
     def fit(self, train: Split) -> None:
         p = self.params
-        chunks = []
-        for emb, hw in self._embed_split(train):
-            chunks.append(emb.reshape(-1, emb.shape[-1]))
-            self.feature_hw = hw
-        bank = torch.cat(chunks)
+        emb = self.embedding(train)
+        self.feature_hw = tuple(emb.shape[1:3])
+        bank = emb.reshape(-1, emb.shape[-1]).to(self.ctx.device)
         self.bank_size = len(bank)
         n = coreset_size(len(bank), p.coreset_ratio)
         if n < len(bank):
@@ -203,7 +258,10 @@ class PatchCore(FrozenFeatureMethod):
         p = self.params
         k = min(p.num_neighbors, len(self.memory_bank))
         image_scores, patch_maps = [], []
-        for emb, hw in self._embed_split(test):
+        test_emb = self.embedding(test)
+        hw = tuple(test_emb.shape[1:3])
+        for s in range(0, len(test_emb), p.batch_size):
+            emb = test_emb[s:s + p.batch_size].flatten(1, 2).to(self.ctx.device)
             b, L, D = emb.shape
             dist, nn_idx = knn(self.index, emb.reshape(-1, D), k)
             patch = dist.mean(1).reshape(b, L)
@@ -233,6 +291,7 @@ class PatchCore(FrozenFeatureMethod):
     def resolved_params(self) -> dict:
         out = super().resolved_params()
         out.update(distance="l2", nn_index="faiss.IndexFlatL2 (GPU when cuda)",
+                   embedding_dim=None if self.memory_bank is None else int(self.memory_bank.shape[1]),
                    coreset="approximate greedy k-center, Gaussian projection",
                    memory_bank_size=self.bank_size,
                    coreset_size=None if self.memory_bank is None else len(self.memory_bank),

@@ -74,7 +74,10 @@ def test_grid_of_three_methods_and_seeds_runs_backbone_once(fresh_backbone):
             hits.append(ctx.cache_hit)
     assert calls["n"] == 2  # one forward call for the train split, one for the test split
     assert hits == [False] + [True] * 8
-    assert len(cache.keys()) == 2 and cache.hits == 16 and cache.misses == 2
+    # features of both splits, and PatchCore's embedding of both (shared by its three seeds)
+    assert sorted(k[0] for k in cache.keys()) == ["features", "features", "patchcore-embedding",
+                                                   "patchcore-embedding"]
+    assert cache.hits == 16 and cache.misses == 4
 
 
 def test_union_of_layers(fresh_backbone, monkeypatch):
@@ -245,6 +248,11 @@ def test_weights_file_loads_and_sha256_recorded(empty_caches, monkeypatch):
     m.fit(_split(4, "w/train"))
     assert ctx.weights_sha256 == sha
     assert any(k[2] == f"sha256:{sha}" for k in ctx.cache.keys())
+    # a PatchCore cell served entirely by its cached embedding still names the weights file
+    for seed in (0, 1):
+        pc_ctx = RunContext(seed=seed, cache=ctx.cache)
+        create("patchcore", dict(TINY, pretrained=True, weights=str(path)), pc_ctx).fit(_split(4, "w/train"))
+    assert pc_ctx.cache_hit is True and pc_ctx.weights_sha256 == sha
     bb = B.get_backbone("resnet18", weights=str(path))
     assert torch.equal(bb.model.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
     assert torch.equal(bb.model.bn1.running_var, state["bn1.running_var"])

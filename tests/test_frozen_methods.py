@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from data.base import Split
 from methods.base import ArtifactCache, RunContext, create
-from methods.padim import gaussian_fit, mahalanobis, upsample_concat
+from methods.padim import gaussian_fit, mahalanobis, precision_from_cov, upsample_concat
 from methods.patchcore import coreset_size, greedy_coreset, greedy_k_center, pairwise_l2
 from methods.orthoad import semi_orthogonal
 
@@ -180,6 +180,79 @@ def test_patchcore_memory_bank_and_reweighting(splits, cache):
     assert not torch.equal(other_seed.memory_bank, m.memory_bank)
 
 
+def test_patchcore_embedding_cached_across_seeds_not_across_params(splits, monkeypatch):
+    """Eq. 1-2 have no random step: a split's embedded patch matrix is computed once and shared by
+    every seed (the coreset, seeded, still differs); a parameter the embedding reads gets its own
+    entry, one it does not read shares it, and the backbone runs once for all of them."""
+    from methods import backbones as B
+    from methods.patchcore import PatchCore
+
+    tr, te = splits
+    calls = {"embed": 0, "backbone": 0}
+    embed, run_backbone = PatchCore.embed, B.run_backbone
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(PatchCore, "embed", counted("embed", embed))
+    monkeypatch.setattr(B, "run_backbone", counted("backbone", run_backbone))
+    cache = ArtifactCache(1 << 30)
+
+    def run(seed, **change):
+        ctx = RunContext(seed=seed, cache=cache)
+        m = create("patchcore", {**TINY, "coreset_ratio": 0.25, **change}, ctx)
+        m.fit(tr)
+        return m, m.score(te), ctx
+
+    a, _, ctx = run(0)
+    assert calls == {"embed": 2, "backbone": 2} and ctx.cache_hit is False  # one batch per split
+    b, scores_b, ctx = run(1)
+    assert calls == {"embed": 2, "backbone": 2} and ctx.cache_hit is True
+    assert not torch.equal(a.memory_bank, b.memory_bank)
+    uncached = create("patchcore", dict(TINY, coreset_ratio=0.25), RunContext(seed=1))
+    uncached.fit(tr)
+    np.testing.assert_allclose(uncached.score(te).image, scores_b.image, rtol=1e-6)
+    calls.update(embed=2, backbone=2)
+    # seed-dependent and scoring parameters share the entry
+    _, _, ctx = run(2, coreset_ratio=0.5, reweight=False, num_neighbors=3, sigma=2.0)
+    assert calls["embed"] == 2 and ctx.cache_hit is True
+    for change in (dict(patch_size=5), dict(pretrain_embed_dim=256), dict(target_embed_dim=512),
+                   dict(aggregation="avg_pool"), dict(layers=["layer1", "layer2"]),
+                   dict(aggregation="avg_pool", pretrain_embed_dim=256)):
+        before = calls["embed"]
+        _, _, ctx = run(0, **change)
+        if change == dict(aggregation="avg_pool", pretrain_embed_dim=256):  # avg_pool reads no embed dims
+            assert calls["embed"] == before and ctx.cache_hit is True
+        else:
+            assert calls["embed"] == before + 2 and ctx.cache_hit is False, change
+    assert calls["backbone"] == 2
+    assert len([k for k in cache.keys() if k[0] == "patchcore-embedding"]) == 2 * 6
+
+
+def test_patchcore_avg_pool_aggregation_is_anomalibs(splits):
+    """``aggregation: avg_pool``: the 3×3 mean of each map (zero padding counted), layer3
+    bilinearly up-sampled to layer2's grid, channels concatenated (128 + 256 for resnet18)."""
+    tr, _ = splits
+    m = create("patchcore", dict(TINY, aggregation="avg_pool"), RunContext())
+    feats = m.features(tr)
+    emb, hw = m.embed([feats["layer2"][:2], feats["layer3"][:2]])
+    assert hw == (8, 8) and emb.shape == (2, 64, 128 + 256)
+    f2 = feats["layer2"][:2].double()
+    grid = emb.reshape(2, 8, 8, -1).double()
+    np.testing.assert_allclose(grid[:, 3, 5, :128], f2[:, :, 2:5, 4:7].mean((-1, -2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grid[:, 0, 0, :128], f2[:, :, :2, :2].sum((-1, -2)) / 9, rtol=1e-5, atol=1e-6)
+    pooled3 = torch.nn.AvgPool2d(3, 1, 1)(feats["layer3"][:2])
+    up = torch.nn.functional.interpolate(pooled3, size=(8, 8), mode="bilinear")
+    np.testing.assert_allclose(grid[..., 128:], up.permute(0, 2, 3, 1).double(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="aggregation"):
+        create("patchcore", dict(TINY, aggregation="max"), RunContext())
+    with pytest.raises(Exception, match="odd"):
+        create("patchcore", dict(TINY, patch_size=4), RunContext())
+
+
 # ----------------------------------------------------------------------------- PaDiM / OrthoAD maths
 def test_padim_mahalanobis_equals_scipy():
     rng = np.random.default_rng(0)
@@ -194,6 +267,16 @@ def test_padim_mahalanobis_equals_scipy():
         mu = train[:, :, j].mean(0)
         for i in range(5):
             assert dist[i, j] == pytest.approx(scipy_mahalanobis(test[i, :, j], mu, vi), rel=1e-4)
+
+
+def test_precision_from_cov_cholesky_and_fallback():
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.normal(size=(3, 20, 5)))
+    cov = x.transpose(1, 2) @ x / 19
+    cov[1] -= 5 * torch.eye(5)               # not positive definite: no Cholesky factor
+    assert (torch.linalg.cholesky_ex(cov + 0.01 * torch.eye(5)).info != 0).tolist() == [False, True, False]
+    prec = precision_from_cov(cov, 0.01)
+    np.testing.assert_allclose(prec.numpy(), np.linalg.inv(cov.numpy() + 0.01 * np.eye(5)), rtol=1e-8, atol=1e-10)
 
 
 def test_padim_method_matches_direct_computation(splits, cache):
