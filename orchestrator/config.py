@@ -129,7 +129,7 @@ def _pydantic_message(prefix: str, err: ValidationError, valid_fields=None) -> s
     return "\n".join(lines)
 
 
-def _rule_class(item):
+def parse_rule_class(item):
     """An exclude rule's class as resolve_classes takes it: ``a+b`` is the class set [a, b]."""
     if isinstance(item, str) and "+" in item:
         return [int(x) if x.isdigit() else x for x in item.split("+")]
@@ -229,7 +229,7 @@ def check_names(grid: GridConfig, where: str = "grid") -> None:
         if rule.dataset is not None and rule.normal_class is not None and rule.dataset in DATASETS:
             entry = next((d for d in grid.datasets if d.name == rule.dataset), None)
             try:
-                resolve_classes(rule.dataset, entry.params if entry else {}, [_rule_class(rule.normal_class)])
+                resolve_classes(rule.dataset, entry.params if entry else {}, [parse_rule_class(rule.normal_class)])
             except Exception as e:
                 problems.append(f"exclude[{i}].class: {e}")
     if problems:

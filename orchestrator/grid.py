@@ -104,10 +104,10 @@ def _rule_class(rule, cell: Cell):
 @functools.lru_cache(maxsize=4096)
 def _resolve_rule_class(dataset: str, params_json: str, class_json: str):
     from data.protocols import resolve_classes
-    from orchestrator.config import _rule_class as parse
+    from orchestrator.config import parse_rule_class
 
     try:
-        return resolve_classes(dataset, json.loads(params_json), [parse(json.loads(class_json))])[0]
+        return resolve_classes(dataset, json.loads(params_json), [parse_rule_class(json.loads(class_json))])[0]
     except Exception:  # DataError: the class is not one of this dataset's
         return None
 
