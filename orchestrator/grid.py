@@ -127,9 +127,15 @@ def _matches(rule, cell: Cell) -> bool:
     want = _rule_class(rule, cell)
     if want is None:
         return False
-    if rule.exact or isinstance(want, tuple):
+    return _holds(cell, want, exact=rule.exact)
+
+
+def _holds(cell: Cell, want, exact: bool = False) -> bool:
+    """Whether the cell's normal class is ``want`` (a name or a tuple of names), or, unless
+    ``exact``, a class set holding the name ``want``."""
+    if exact or isinstance(want, tuple):
         return want == cell.normal_class
-    return want in (cell.normal_class if is_set else (cell.normal_class,))
+    return want in (cell.normal_class if isinstance(cell.normal_class, tuple) else (cell.normal_class,))
 
 
 def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expansion:
@@ -181,4 +187,24 @@ def _selected(cell: Cell, only: dict[str, list[str]]) -> bool:
             "seed": {str(cell.seed)},
             "class": {cell.class_label, *(cell.normal_class if isinstance(cell.normal_class, tuple)
                                           else (cell.normal_class,))}}
-    return all(have[key] & set(values) for key, values in only.items())
+    return all(have[key] & set(values) or (key == "class" and _class_index_selected(cell, values))
+               for key, values in only.items())
+
+
+def _class_index_selected(cell: Cell, values: list[str]) -> bool:
+    """--only class=3 as an index into the cell's dataset (``cat`` on CIFAR-10), as in exclude rules."""
+    if cell.normal_class == "all":
+        return False
+    params_json = canonical(cell.dataset_params)
+    for value in values:
+        want = _resolve_rule_class(cell.dataset, params_json, canonical(parse_only_class(value)))
+        if want is not None and _holds(cell, want):
+            return True
+    return False
+
+
+def parse_only_class(value: str):
+    """An --only class value: ``3`` an index, ``0+1`` a class set, anything else a name."""
+    from orchestrator.config import parse_rule_class
+
+    return int(value) if value.isdigit() else parse_rule_class(value)

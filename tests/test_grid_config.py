@@ -194,6 +194,16 @@ def test_exclude_class_matching(tmp_path, rule, kept):
     assert len([c for c in cells if c.dataset == "synthetic"]) == 4
 
 
+def test_only_class_takes_indices_in_the_cells_dataset(tmp_path):
+    from orchestrator.grid import expand
+
+    grid = grid_of(tmp_path, SETS.replace("RULE", "{seed: 7}"))
+    cells = expand(grid, {"class": ["2"]}).cells        # digits "2" (and the set 2+3); synthetic "disc"
+    assert {c.class_label for c in cells} == {"2", "2+3", "disc"}
+    assert {c.class_label for c in expand(grid, {"class": ["granite"]}).cells} == {"granite"}
+    assert {c.class_label for c in expand(grid, {"class": ["4+5"]}).cells} == {"4+5"}
+
+
 def test_exclude_class_by_index_resolves_in_the_cells_dataset(tmp_path):
     from orchestrator.grid import expand
 
