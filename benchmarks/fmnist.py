@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The params holding each method's epoch counts (pre-training included).
 EPOCH_PARAMS = {"dsvdd": ("epochs", "ae_epochs"), "dcae": ("ae_epochs",), "fcdd_ae": ("epochs",),
                 "fcdd": ("epochs",), "fcdd_hsc": ("epochs",)}
+#: The params holding each method's lr milestones, moved inside a capped schedule.
+MILESTONE_PARAMS = {"dsvdd": ("milestones", "ae_milestones"), "dcae": ("ae_milestones",)}
 DEFAULT_ONLY = ["class=T-shirt/top", "class=Trouser", "seed=0"]
 
 
@@ -48,10 +50,8 @@ def benchmark_cells(grid_path: str, only: list[str], epochs: int):
         params = dict(cell.params)
         for name in EPOCH_PARAMS.get(cell.method, ()):
             params[name] = epochs
-        if cell.method == "dsvdd":  # the lr milestones must lie inside the shortened schedules
-            params.update(milestones=[max(1, epochs - 1)], ae_milestones=[max(1, epochs - 1)])
-        if cell.method == "dcae":
-            params.update(ae_milestones=[max(1, epochs - 1)])
+        for name in MILESTONE_PARAMS.get(cell.method, ()):  # inside the shortened schedules
+            params[name] = [max(1, epochs - 1)]
         capped.append(replace(cell, params=params))
     return capped
 

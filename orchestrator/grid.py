@@ -95,14 +95,10 @@ class Expansion:
     dropped: list[tuple[str, str]]  # (what, why)
 
 
-def _rule_class(rule, cell: Cell):
-    """The rule's class resolved in the cell's dataset: a name, a tuple of names, or None where
-    the dataset has no such class (then the rule cannot match the cell)."""
-    return _resolve_rule_class(cell.dataset, canonical(cell.dataset_params), canonical(rule.normal_class))
-
-
 @functools.lru_cache(maxsize=4096)
 def _resolve_rule_class(dataset: str, params_json: str, class_json: str):
+    """A rule's class resolved in a dataset: a name, a tuple of names, or None where the dataset
+    has no such class (then the rule cannot match the cell)."""
     from data.protocols import resolve_classes
     from orchestrator.config import parse_rule_class
 
@@ -124,7 +120,7 @@ def _matches(rule, cell: Cell) -> bool:
         return True
     if cell.normal_class == "all":  # unified / ood cells over every class
         return str(rule.normal_class) == "all"
-    want = _rule_class(rule, cell)
+    want = _resolve_rule_class(cell.dataset, canonical(cell.dataset_params), canonical(rule.normal_class))
     if want is None:
         return False
     return _holds(cell, want, exact=rule.exact)
