@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Metrics with a bootstrap interval (image-level, computable from labels and scores alone).
-BOOTSTRAP_METRICS = ("image_auroc", "aupr_in", "aupr_out", "fpr95", "detection_error")
+BOOTSTRAP_METRICS = ("image_auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood", "detection_error")
 N_RESAMPLES = 1000
 MIN_RESAMPLES = 200
 MAX_DRAWS = 10_000_000  # resamples x test samples per row; larger test sets get fewer resamples
@@ -141,13 +141,49 @@ def fpr95(c: Curves, recall: float = 0.95) -> np.ndarray:
     return ood_kept[np.arange(first.size), first].astype(np.float64) / c.pos
 
 
+def _next_step(moves: np.ndarray) -> np.ndarray:
+    """``out[:, k]``: the first column after k whose point moved (``moves``), else the column count."""
+    columns = np.arange(moves.shape[1])
+    at = np.where(moves, columns, moves.shape[1])
+    following = np.minimum.accumulate(at[:, ::-1], axis=1)[:, ::-1]
+    return np.concatenate([following[:, 1:], np.full((moves.shape[0], 1), moves.shape[1])], axis=1)
+
+
+def fpr95_openood(c: Curves, recall: float = 0.95) -> np.ndarray:
+    """ID weight flagged (score >= t) at the first ROC point whose OOD recall reaches 95%, as OpenOOD
+    v1.5: ``fpr[argmax(tpr >= 0.95)]`` on ``sklearn.metrics.roc_curve`` with ``drop_intermediate``.
+
+    sklearn drops a point whose steps to its neighbours (among the scores a resample holds) are
+    equal in both counts; then the first kept point at or after it is used. So from the first point
+    reaching 95%, walk forward while the step into the point equals the step out of it.
+    """
+    rows = np.arange(c.tp.shape[0])
+    d_tp, d_fp = np.diff(c.tp, axis=1), np.diff(c.fp, axis=1)  # step into column k + 1
+    moves = np.concatenate([np.zeros((rows.size, 1), bool), (d_tp != 0) | (d_fp != 0)], axis=1)
+    step_tp = np.concatenate([np.zeros((rows.size, 1), d_tp.dtype), d_tp], axis=1)
+    step_fp = np.concatenate([np.zeros((rows.size, 1), d_fp.dtype), d_fp], axis=1)
+    following = _next_step(moves)
+    last = moves.shape[1]
+    tpr = c.tp.astype(np.float64) / c.pos.astype(np.float64)[:, None]  # float64, as sklearn
+    point = np.argmax(tpr >= recall, axis=1)  # a moved point: tp rose to reach it
+    walking = np.argmax(moves, axis=1) < point  # sklearn always keeps the first point
+    while walking.any():
+        nxt = following[rows, point]
+        has_next = nxt < last
+        nxt_safe = np.where(has_next, nxt, point)
+        walking &= has_next & (step_tp[rows, point] == step_tp[rows, nxt_safe]) \
+            & (step_fp[rows, point] == step_fp[rows, nxt_safe])
+        point = np.where(walking, nxt_safe, point)
+    return c.fp[rows, point].astype(np.float64) / c.neg
+
+
 def detection_error(c: Curves) -> np.ndarray:
     """min over operating points (with 'flag nothing') of 0.5 (1 - TPR) + 0.5 FPR."""
     return np.min(0.5 * (1.0 - c.tp / c.pos[:, None]) + 0.5 * c.fp / c.neg[:, None], axis=1)
 
 
 METRIC_FUNCTIONS = {"image_auroc": auroc, "aupr_in": aupr_in, "aupr_out": aupr_out,
-                    "fpr95": fpr95, "detection_error": detection_error}
+                    "fpr95": fpr95, "fpr95_openood": fpr95_openood, "detection_error": detection_error}
 
 
 def usable(labels, scores) -> bool:

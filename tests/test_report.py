@@ -147,7 +147,7 @@ def independent_metrics(labels, scores) -> dict:
     from metrics import image
 
     return {m: getattr(image, m)(labels, scores) for m in ("image_auroc", "aupr_in", "aupr_out", "fpr95",
-                                                           "detection_error")}
+                                                           "fpr95_openood", "detection_error")}
 
 
 @pytest.mark.parametrize("n, ties", [(9, False), (40, True), (301, False), (120, True)])
@@ -172,6 +172,25 @@ def test_curve_metrics_equal_sklearn_and_explicit_resamples(n, ties):
         want = independent_metrics(labels[idx], scores[idx])
         got = {m: float(f(curves)[i]) for m, f in b.METRIC_FUNCTIONS.items()}
         assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_openood_fpr95_drops_the_point_inside_a_straight_roc_run_as_sklearn_does():
+    from metrics import image
+    from reports import bootstrap as b
+
+    # 17 OOD on top, then three (OOD, ID) ties: the point reaching 95% OOD recall (0.5) lies inside
+    # a run of equal steps, so roc_curve drops it and OpenOOD reads the next point (0.4): 3/10, not 2/10
+    scores = np.r_[np.linspace(2.0, 1.0, 17), [0.6, 0.6, 0.5, 0.5, 0.4, 0.4], np.linspace(0.0, -1.0, 7)]
+    labels = np.r_[np.ones(17), [1, 0, 1, 0, 1, 0], np.zeros(7)].astype(int)
+    assert image.fpr95_openood(labels, scores) == pytest.approx(0.3)
+    assert b.point_metrics(labels, scores, ("fpr95_openood",))["fpr95_openood"] == pytest.approx(0.3)
+    # a resample drawing the 0.5 pair twice and the 0.6 OOD never breaks the run: 0.5 is kept, 3 of 11 ID
+    pos_w, neg_w = np.ones((1, 20)), np.ones((1, 10))
+    pos_w[0, 18], neg_w[0, 1], pos_w[0, 17] = 2, 2, 0
+    got = b.fpr95_openood(b.curves(b.ranking(labels, scores), pos_w, neg_w))[0]
+    idx = np.r_[np.repeat(np.flatnonzero(labels == 1), pos_w[0].astype(int)),
+                np.repeat(np.flatnonzero(labels == 0), neg_w[0].astype(int))]
+    assert got == pytest.approx(3 / 11) == image.fpr95_openood(labels[idx], scores[idx])
 
 
 def test_bootstrap_is_seeded_stratified_and_covers_the_estimate():
