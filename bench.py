@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -76,15 +77,21 @@ def cmd_run(argv: list[str]) -> int:
     from orchestrator.grid import expand
     from orchestrator.store import RowStore
 
+    from data.protocols import planning
+
     try:
-        grid = load_grid(args.grid)
-        only = parse_only(args.only)
-        expansion = expand(grid, only)
+        # a dry run plans datasets whose files are absent with their published classes
+        with planning() if args.dry_run else contextlib.nullcontext([]) as planned:
+            grid = load_grid(args.grid)
+            only = parse_only(args.only)
+            expansion = expand(grid, only)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     cells = expansion.cells
     if args.dry_run:
+        for note in planned:
+            print(f"planned without data: {note}")
         for what, why in expansion.dropped:
             print(f"dropped: {what}: {why}")
         for cell in cells:

@@ -70,6 +70,9 @@ class Dataset:
     # True where each category's test side holds its own normal and anomalous images (MVTec-style;
     # ``load`` then fills ``RawData.is_anomalous``); False for plain classification datasets.
     per_class_anomalies: ClassVar[bool] = False
+    # The class names the dataset is published with, where ``classes`` reads them from its files:
+    # a dry run plans a grid with these when the files are absent (``data.protocols.planning``).
+    declared_classes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: DatasetParams):
         self.params = params

@@ -95,10 +95,17 @@ class Expansion:
     dropped: list[tuple[str, str]]  # (what, why)
 
 
-@functools.lru_cache(maxsize=4096)
 def _resolve_rule_class(dataset: str, params_json: str, class_json: str):
     """A rule's class resolved in a dataset: a name, a tuple of names, or None where the dataset
     has no such class (then the rule cannot match the cell)."""
+    from data.protocols import is_planning
+
+    return _resolve_rule_class_cached(dataset, params_json, class_json, is_planning())
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve_rule_class_cached(dataset: str, params_json: str, class_json: str, planning: bool):
+    """``planning`` keys the cache: a dry run may resolve against a dataset's declared classes."""
     from data.protocols import resolve_classes
     from orchestrator.config import parse_rule_class
 

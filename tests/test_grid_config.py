@@ -306,3 +306,21 @@ def test_full_grid_expands_to_the_papers_cells(tmp_path, monkeypatch):
                        ("fcdd_hsc", "fashion_mnist"): "oe", ("fcdd_hsc", "cifar10"): "oe",
                        ("fcdd_hsc", "mvtec"): "confetti"}
     assert all(c.params["oe_dataset"] == "cifar100" for c in cells if c.params.get("anomaly_source") == "oe")
+
+
+def test_dry_run_plans_mvtec_without_its_files_and_a_run_still_refuses(tmp_path, capsys, monkeypatch,
+                                                                       ray_must_not_start):
+    """Without MVTec AD at the default root, --dry-run lists the full grid with the 15 published
+    categories (and says so); the same grid run for real exits 2 with the layout message."""
+    import bench
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    grid = ROOT / "grids" / "full.yaml"
+    assert bench.main([str(grid), "--dry-run", "--only", "method=patchcore", "--only", "seed=0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("planned without data: mvtec: root") == 1 and "15 published classes" in out
+    planned = [line for line in out.splitlines() if "patchcore" in line and "mvtec/one_class" in line]
+    assert sorted(line.split("class=")[1].split()[0] for line in planned) == MVTEC_CATEGORIES
+    assert bench.main([str(grid), "--only", "method=patchcore"]) == 2
+    err = capsys.readouterr().err
+    assert "mvtec: root" in err and "Expected layout" in err

@@ -24,6 +24,7 @@ class MVTec(DefectFolderDataset):
     ones and any of your own in the same layout); classes() lists them sorted by name."""
 
     Params = MVTecParams
+    declared_classes = OFFICIAL_CATEGORIES
 
     def root(self) -> Path:
         return Path(self.params.root).expanduser()
