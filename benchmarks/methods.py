@@ -12,6 +12,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -162,7 +166,7 @@ def run_adgrid_fastflow(category: str, epochs: int, seed: int) -> dict:
 
 
 def fastflow_vs_anomalib(category: str = "weave", epochs: int = 10, seeds: tuple[int, ...] = (0,),
-                         threads: int = 1) -> "pd.DataFrame | None":
+                         threads: int = 1) -> pd.DataFrame | None:
     """Fit + score wall time and AUROC of this FastFlow and anomalib's on one synthetic category at
     matched settings (FASTFLOW_MATCHED), each seed run by both, alternating. Prints the ratio
     (target: ours <= 0.8x anomalib's fit + score seconds, image AUROC within 0.03)."""
@@ -221,7 +225,7 @@ def fastflow_main() -> None:
 OOD_METHODS = ("msp", "gram", "openmax", "mos", "conf_branch", "vos")
 
 
-def ood_cost(grid_path: str, threads: int = 1, repeats: int = 1) -> "tuple[pd.DataFrame, pd.DataFrame]":
+def ood_cost(grid_path: str, threads: int = 1, repeats: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """For each digits cell of the grid with protocol ood or osr: the six OOD methods run in this
     process through run_cell, one after another, (a) each with its own empty cache (every method
     trains what it needs: fit_s / score_s per method, and the grid's total) and (b) with one

@@ -9,11 +9,10 @@ arrives, so killing the driver loses only the cells in flight.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
