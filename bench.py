@@ -76,7 +76,6 @@ def cmd_run(argv: list[str]) -> int:
     from orchestrator.config import ConfigError, load_grid
     from orchestrator.grid import expand
     from orchestrator.store import RowStore
-
     from data.protocols import planning
 
     try:
