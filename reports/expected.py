@@ -20,6 +20,10 @@ Matching rule (also in the README, "Reading results"):
    epochs, pretrained...), -1 for every value it states differently (another %, px, k=, backbone),
    -0.5 when it is a reproduction rather than the paper's number; the highest score wins, equal
    scores go to the first in the file. The chosen setting is shown beside the number.
+6. A run that trains on anomalies of a named kind (FCDD's ``anomaly_source``: confetti noise,
+   outlier exposure, true anomalies, none) keeps only references that state no source or its own:
+   FCDD with confetti noise on Fashion-MNIST has no reference rather than the paper's
+   outlier-exposure number (``source_ok``).
 """
 from __future__ import annotations
 
@@ -65,6 +69,13 @@ BACKBONE_ALIASES = {
     "efficientnet_b4": ("efficientnetb4",),
 }
 NOT_PAPER = ("reproduction", "not the paper", "not paper")
+#: How a setting states where the anomalies seen in training came from (rule 6), per value of a
+#: run's ``anomaly_source``; read from the setting's lower-case text ("NO OE" states none of them).
+ANOMALY_SOURCE_MARKS = {
+    "oe": r"\bwith (?:outlier exposure|oe)\b",
+    "confetti": r"\bconfetti\b",
+    "semi": r"\bsemi-supervised\b|\btrue anomalies\b",
+}
 
 
 def load_expected(path: str | Path = EXPECTED_CSV) -> pd.DataFrame:
@@ -244,9 +255,22 @@ def candidates(index: dict, method: str, dataset: str, protocol: str, key: str, 
     return found[found["class_key"].isin(keys)]
 
 
-def choose(found: pd.DataFrame, tokens: set[str], dataset: str, ood_sets: set[str] | None):
-    """The best reference among ``found`` (rule 4 and 5 above), or None."""
-    kept = found[[ood_group_ok(s, dataset, ood_sets) for s in found["setting"]]]
+def stated_sources(setting) -> set[str]:
+    """The anomaly sources a reference's setting says its training used (rule 6), often none."""
+    lower = str(setting).lower()
+    return {source for source, pattern in ANOMALY_SOURCE_MARKS.items() if re.search(pattern, lower)}
+
+
+def source_ok(setting, anomaly_source: str | None) -> bool:
+    """False when the setting states an anomaly source and the run trained on another one."""
+    stated = stated_sources(setting)
+    return anomaly_source is None or not stated or anomaly_source in stated
+
+
+def choose(found: pd.DataFrame, tokens: set[str], dataset: str, ood_sets: set[str] | None,
+           anomaly_source: str | None = None):
+    """The best reference among ``found`` (rules 4 to 6 above), or None."""
+    kept = found[[ood_group_ok(s, dataset, ood_sets) and source_ok(s, anomaly_source) for s in found["setting"]]]
     if kept.empty:
         return None
     scores = [setting_score(s, tokens) for s in kept["setting"]]

@@ -267,8 +267,9 @@ def pick(method, dataset, protocol, key, metric, params=None, ood_sets=None):
     from reports.expected import by_key, candidates, choose, load_expected, setting_tokens
 
     index = by_key(load_expected())
-    ref = choose(candidates(index, method, dataset, protocol, key, metric), setting_tokens(params or {}),
-                 dataset, ood_sets)
+    params = params or {}
+    ref = choose(candidates(index, method, dataset, protocol, key, metric), setting_tokens(params),
+                 dataset, ood_sets, params.get("anomaly_source"))
     return None if ref is None else (round(float(ref["value"]), 4), ref["setting"])
 
 
@@ -297,6 +298,48 @@ def test_ood_references_follow_openood_groups():
     assert pick("msp", "cifar10", "ood", "mean", "image_auroc", ood_sets={"cifar100"})[0] == 0.8803
     assert pick("msp", "cifar10", "ood", "mean", "image_auroc", ood_sets={"cifar100", "svhn"}) is None
     assert pick("msp", "cifar10", "ood", "mean", "accuracy", ood_sets={"cifar100", "svhn"})[0] == 0.9506
+
+
+FCDD_FMNIST = {"net": "cnn28_w", "epochs": 400, "lr": 0.01}
+
+
+def test_a_reference_trained_on_other_anomalies_is_not_borrowed():
+    """FCDD's Fashion-MNIST numbers use outlier exposure: a confetti run has no reference (rule 6)."""
+    from reports.expected import source_ok, stated_sources
+
+    for source in ("confetti", "none", "semi"):
+        params = {**FCDD_FMNIST, "anomaly_source": source}
+        assert pick("fcdd", "fashion_mnist", "one_class", "0", "image_auroc", params) is None
+        assert pick("fcdd", "fashion_mnist", "one_class", "mean", "image_auroc", params) is None
+    value, setting = pick("fcdd", "fashion_mnist", "one_class", "0", "image_auroc",
+                          {**FCDD_FMNIST, "anomaly_source": "oe", "oe_dataset": "cifar100"})
+    assert value == 0.82 and setting.startswith("paper number; WITH outlier exposure")
+    # the AE baseline's setting says "NO OE": it states no source, and its runs name none
+    assert stated_sources("AE baseline: NO OE (code sets supervise_mode=unsupervised)") == set()
+    assert pick("fcdd_ae", "fashion_mnist", "one_class", "mean", "image_auroc", {"epochs": 400})[0] == 0.82
+    assert stated_sources("FCDD with confetti noise") == {"confetti"} and source_ok("WITH OE; x", None)
+    assert not source_ok("WITH OE CIFAR-100", "confetti") and source_ok("FCDD column (unsupervised)", "confetti")
+
+
+def test_a_board_says_why_an_other_source_paper_mean_is_not_compared():
+    from reports.expected import INDEXED_CLASSES, load_expected
+    from reports.rows import annotate
+    from reports.tables import leaderboards
+
+    def board_mean(source):
+        rows = annotate(pd.DataFrame([make_row("fcdd", "fashion_mnist", "one_class", c, 0, n=(10, 10),
+                                               params={**FCDD_FMNIST, "anomaly_source": source})
+                                      for c in INDEXED_CLASSES["fashion_mnist"]]))
+        table = leaderboards(rows, load_expected(), 1.0, {})
+        table = table[table["metric"] == "image_auroc"]
+        variant = table["variant"].iloc[0]
+        return table[table["variant"] == variant], cell(table, variant, "mean")
+
+    classes, mean = board_mean("confetti")
+    assert classes["expected"].isna().all() and (classes["status"] == "no reference").all()
+    assert "anomaly source oe, this run with confetti" in mean["note"]
+    classes, mean = board_mean("oe")
+    assert mean["expected"] == 0.89 and classes["expected"].notna().all() and pd.isna(mean["note"])
 
 
 def test_status_within_tolerance_below_above():
