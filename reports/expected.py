@@ -21,9 +21,10 @@ Matching rule (also in the README, "Reading results"):
    -0.5 when it is a reproduction rather than the paper's number; the highest score wins, equal
    scores go to the first in the file. The chosen setting is shown beside the number.
 6. A run that trains on anomalies of a named kind (FCDD's ``anomaly_source``: confetti noise,
-   outlier exposure, true anomalies, none) keeps only references that state no source or its own:
-   FCDD with confetti noise on Fashion-MNIST has no reference rather than the paper's
-   outlier-exposure number (``source_ok``).
+   outlier exposure, true anomalies, none) keeps only references that state no source or its own,
+   and with outlier exposure only those that name no OE set or its own (``oe_dataset``): FCDD with
+   confetti noise on Fashion-MNIST has no reference rather than the paper's outlier-exposure
+   number, an EMNIST-OE reproduction is not a CIFAR-100-OE run's (``source_ok``).
 """
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ ANOMALY_SOURCE_MARKS = {
     "confetti": r"\bconfetti\b",
     "semi": r"\bsemi-supervised\b|\btrue anomalies\b",
 }
+#: How a setting names the outlier-exposure set, per registered dataset name (``oe_dataset``).
+OE_SET_MARKS = {"cifar100": r"cifar-?100", "emnist": r"\bemnist", "tin": r"tiny ?imagenet|\btin\b"}
 
 
 def load_expected(path: str | Path = EXPECTED_CSV) -> pd.DataFrame:
@@ -261,16 +264,30 @@ def stated_sources(setting) -> set[str]:
     return {source for source, pattern in ANOMALY_SOURCE_MARKS.items() if re.search(pattern, lower)}
 
 
-def source_ok(setting, anomaly_source: str | None) -> bool:
-    """False when the setting states an anomaly source and the run trained on another one."""
+def stated_oe_sets(setting) -> set[str]:
+    """The outlier-exposure sets a reference's setting names (registered dataset names)."""
+    lower = str(setting).lower()
+    return {name for name, pattern in OE_SET_MARKS.items() if re.search(pattern, lower)}
+
+
+def source_ok(setting, params: dict | None) -> bool:
+    """False when the setting states an anomaly source other than the run's ``anomaly_source``,
+    or, for outlier exposure, names OE sets and not the run's ``oe_dataset`` (rule 6)."""
+    source = (params or {}).get("anomaly_source")
     stated = stated_sources(setting)
-    return anomaly_source is None or not stated or anomaly_source in stated
+    if source is None or not stated:
+        return True
+    if source not in stated:
+        return False
+    oe_sets, oe_dataset = stated_oe_sets(setting), (params or {}).get("oe_dataset")
+    return source != "oe" or not oe_sets or oe_dataset is None or oe_dataset in oe_sets
 
 
 def choose(found: pd.DataFrame, tokens: set[str], dataset: str, ood_sets: set[str] | None,
-           anomaly_source: str | None = None):
-    """The best reference among ``found`` (rules 4 to 6 above), or None."""
-    kept = found[[ood_group_ok(s, dataset, ood_sets) and source_ok(s, anomaly_source) for s in found["setting"]]]
+           params: dict | None = None):
+    """The best reference among ``found`` for a run with these resolved ``params`` (rules 4 to 6
+    above), or None."""
+    kept = found[[ood_group_ok(s, dataset, ood_sets) and source_ok(s, params) for s in found["setting"]]]
     if kept.empty:
         return None
     scores = [setting_score(s, tokens) for s in kept["setting"]]

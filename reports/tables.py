@@ -16,7 +16,7 @@ from reports.bootstrap import (BOOTSTRAP_METRICS, N_RESAMPLES, mean_of, percenti
                                resample_metrics, resamples_for, row_seed, usable)
 from reports.expected import (LOWER_IS_BETTER, OOD_GROUPS, by_key, candidates, choose, class_key, group_complete,
                               group_members, group_of, group_references, mean_classes, ood_set_name, row_params,
-                              setting_tokens, source_ok, stated_sources, status_of)
+                              setting_tokens, source_ok, stated_oe_sets, stated_sources, status_of)
 from reports.rows import MEAN_COLUMN, as_array, column_order, ok_rows, present_metrics
 
 #: Row columns too large to carry through the table code (read from the full rows where needed).
@@ -63,18 +63,22 @@ def _as_reference(ref) -> dict:
     return {"expected": float(ref["value"]), "setting": ref["setting"], "source": ref["source"]}
 
 
-def _reference(index, method, dataset, protocol, key, metric, tokens, ood_sets, anomaly_source) -> dict:
+def _reference(index, method, dataset, protocol, key, metric, tokens, ood_sets, params) -> dict:
     found = candidates(index, method, dataset, protocol, key, metric)
-    return _as_reference(choose(found, tokens, dataset, ood_sets, anomaly_source))
+    return _as_reference(choose(found, tokens, dataset, ood_sets, params))
 
 
-def _other_source_note(found: pd.DataFrame, anomaly_source: str | None) -> str | None:
+def _other_source_note(found: pd.DataFrame, params: dict) -> str | None:
     """Why the paper's mean was not compared when its every setting trained on other anomalies."""
-    stated = sorted({s for setting in found["setting"] for s in stated_sources(setting)})
-    if found.empty or anomaly_source is None or any(source_ok(s, anomaly_source) for s in found["setting"]):
+    source = params.get("anomaly_source")
+    if found.empty or source is None or any(source_ok(s, params) for s in found["setting"]):
         return None
-    return (f"paper number not compared: it trains with anomaly source {' / '.join(stated)}, "
-            f"this run with {anomaly_source}")
+    stated = sorted({s for setting in found["setting"] for s in stated_sources(setting)})
+    if source in stated:   # the same kind, another outlier-exposure set
+        sets = sorted({s for setting in found["setting"] for s in stated_oe_sets(setting)})
+        return (f"paper number not compared: its outlier exposure uses {' / '.join(sets)}, "
+                f"this run's {params.get('oe_dataset')}")
+    return f"paper number not compared: it trains with anomaly source {' / '.join(stated)}, this run with {source}"
 
 
 def board_groups(dataset: str, protocol: str, metric: str) -> dict[str, tuple[str, ...]]:
@@ -99,7 +103,7 @@ def _average(vrows, metric: str, columns: list[str], column_means: dict, column_
             "std": _seed_std(vrows, metric, columns), "ci_low": low, "ci_high": high}
 
 
-def _group_record(group: str, covered: list[str], vrows, metric, dataset, protocol, index, tokens, anomaly_source,
+def _group_record(group: str, covered: list[str], vrows, metric, dataset, protocol, index, tokens, params,
                   average: dict) -> dict:
     """The mean over one OpenOOD group's measured sets; the paper's number for that group only when
     every set of the group is measured (as a paper's mean needs every class)."""
@@ -108,7 +112,7 @@ def _group_record(group: str, covered: list[str], vrows, metric, dataset, protoc
                              dataset, group)
     ref, note = dict(NO_REFERENCE), None
     if group_complete(dataset, group, covered):
-        ref = _as_reference(choose(found, tokens, dataset, set(covered), anomaly_source))
+        ref = _as_reference(choose(found, tokens, dataset, set(covered), params))
     elif not found.empty:
         missing = [m for m in members if m not in {ood_set_name(c) for c in covered}]
         note = (f"paper {group} value not compared: OpenOOD averages {', '.join(members)}; "
@@ -121,7 +125,7 @@ def _group_record(group: str, covered: list[str], vrows, metric, dataset, protoc
 def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tolerance, dists) -> list[dict]:
     method = vrows["method"].iloc[0]
     params = row_params(vrows.iloc[0])
-    tokens, anomaly_source = setting_tokens(params), params.get("anomaly_source")
+    tokens = setting_tokens(params)
     ood_sets = set(vrows["ood_set"].dropna()) if protocol == "ood" else None
     records, column_dists, column_means = [], {}, {}
     by_column = dict(tuple(vrows.groupby("column", sort=False)))
@@ -133,7 +137,7 @@ def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tol
                 if metric in BOOTSTRAP_METRICS else None)
         low, high = percentile_interval(dist) if dist is not None else (np.nan, np.nan)
         ref = _reference(index, method, dataset, protocol, class_key(dataset, column), metric, tokens, ood_sets,
-                         anomaly_source)
+                         params)
         mean = float(values.mean())
         records.append({"column": column, "column_key": class_key(dataset, column), "is_mean": False,
                         "is_group": False, "seeds": int(crows["seed"].nunique()), "mean": mean,
@@ -145,13 +149,13 @@ def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tol
         covered = [c for c in measured if ood_set_name(c) in members]
         if covered:
             groups.append(_group_record(group, covered, vrows, metric, dataset, protocol, index, tokens,
-                                        anomaly_source, _average(vrows, metric, covered, column_means, column_dists)))
+                                        params, _average(vrows, metric, covered, column_means, column_dists)))
     records += groups
     keys = {class_key(dataset, c) for c in measured}
     note, wanted = None, mean_classes(index, method, dataset, protocol, metric)
     if wanted is None or wanted <= keys:
         ref = _reference(index, method, dataset, protocol, MEAN_COLUMN, metric, tokens, ood_sets,
-                         anomaly_source)
+                         params)
     else:
         ref = dict(NO_REFERENCE)
         if not candidates(index, method, dataset, protocol, MEAN_COLUMN, metric).empty:
@@ -165,7 +169,7 @@ def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tol
     elif np.isnan(ref["expected"]) and any(g["source"] or g["note"] for g in groups):
         note = f"OpenOOD's numbers each average one group: see {' / '.join(g['column'] for g in groups)}"
     elif np.isnan(ref["expected"]) and note is None:
-        note = _other_source_note(candidates(index, method, dataset, protocol, MEAN_COLUMN, metric), anomaly_source)
+        note = _other_source_note(candidates(index, method, dataset, protocol, MEAN_COLUMN, metric), params)
     records.append({"column": MEAN_COLUMN, "column_key": MEAN_COLUMN, "is_mean": True, "is_group": False,
                     "seeds": int(vrows["seed"].nunique()),
                     **_average(vrows, metric, measured, column_means, column_dists),

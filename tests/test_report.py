@@ -269,7 +269,7 @@ def pick(method, dataset, protocol, key, metric, params=None, ood_sets=None):
     index = by_key(load_expected())
     params = params or {}
     ref = choose(candidates(index, method, dataset, protocol, key, metric), setting_tokens(params),
-                 dataset, ood_sets, params.get("anomaly_source"))
+                 dataset, ood_sets, params)
     return None if ref is None else (round(float(ref["value"]), 4), ref["setting"])
 
 
@@ -314,11 +314,21 @@ def test_a_reference_trained_on_other_anomalies_is_not_borrowed():
     value, setting = pick("fcdd", "fashion_mnist", "one_class", "0", "image_auroc",
                           {**FCDD_FMNIST, "anomaly_source": "oe", "oe_dataset": "cifar100"})
     assert value == 0.82 and setting.startswith("paper number; WITH outlier exposure")
+    # outlier exposure from another set: only the reproduction that used that set, or nothing
+    value, setting = pick("fcdd", "fashion_mnist", "one_class", "0", "image_auroc",
+                          {**FCDD_FMNIST, "anomaly_source": "oe", "oe_dataset": "emnist"})
+    assert value == 0.8192 and "EMNIST" in setting
+    assert pick("fcdd", "fashion_mnist", "one_class", "0", "image_auroc",
+                {**FCDD_FMNIST, "anomaly_source": "oe", "oe_dataset": "mnist"}) is None
     # the AE baseline's setting says "NO OE": it states no source, and its runs name none
     assert stated_sources("AE baseline: NO OE (code sets supervise_mode=unsupervised)") == set()
     assert pick("fcdd_ae", "fashion_mnist", "one_class", "mean", "image_auroc", {"epochs": 400})[0] == 0.82
-    assert stated_sources("FCDD with confetti noise") == {"confetti"} and source_ok("WITH OE; x", None)
-    assert not source_ok("WITH OE CIFAR-100", "confetti") and source_ok("FCDD column (unsupervised)", "confetti")
+    assert stated_sources("FCDD with confetti noise") == {"confetti"} and source_ok("WITH OE; x", {})
+    confetti = {"anomaly_source": "confetti"}
+    assert not source_ok("WITH OE CIFAR-100", confetti) and source_ok("FCDD column (unsupervised)", confetti)
+    # FCDD's unsupervised MVTec-AD numbers (confetti noise) are not a semi-supervised run's
+    assert pick("fcdd", "mvtec", "one_class", "mean", "pixel_auroc", confetti)[0] == 0.92
+    assert pick("fcdd", "mvtec", "one_class", "mean", "pixel_auroc", {"anomaly_source": "semi"}) is None
 
 
 def test_a_board_says_why_an_other_source_paper_mean_is_not_compared():
@@ -326,9 +336,9 @@ def test_a_board_says_why_an_other_source_paper_mean_is_not_compared():
     from reports.rows import annotate
     from reports.tables import leaderboards
 
-    def board_mean(source):
+    def board_mean(source, **oe):
         rows = annotate(pd.DataFrame([make_row("fcdd", "fashion_mnist", "one_class", c, 0, n=(10, 10),
-                                               params={**FCDD_FMNIST, "anomaly_source": source})
+                                               params={**FCDD_FMNIST, "anomaly_source": source, **oe})
                                       for c in INDEXED_CLASSES["fashion_mnist"]]))
         table = leaderboards(rows, load_expected(), 1.0, {})
         table = table[table["metric"] == "image_auroc"]
@@ -338,8 +348,11 @@ def test_a_board_says_why_an_other_source_paper_mean_is_not_compared():
     classes, mean = board_mean("confetti")
     assert classes["expected"].isna().all() and (classes["status"] == "no reference").all()
     assert "anomaly source oe, this run with confetti" in mean["note"]
-    classes, mean = board_mean("oe")
+    classes, mean = board_mean("oe", oe_dataset="cifar100")
     assert mean["expected"] == 0.89 and classes["expected"].notna().all() and pd.isna(mean["note"])
+    classes, mean = board_mean("oe", oe_dataset="svhn")
+    assert classes["expected"].isna().all()
+    assert "outlier exposure uses cifar100 / emnist, this run's svhn" in mean["note"]
 
 
 def test_status_within_tolerance_below_above():
