@@ -4,7 +4,10 @@ Parquet, plots as PNG). ``build_report`` is what ``bench.py`` calls.
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,9 +41,29 @@ def build_report(run_dir: Path, compare: str | Path | None = None, tolerance: fl
     if compare is not None and not (Path(compare) / "rows").is_dir():
         raise FileNotFoundError(f"--compare {compare}: no rows/ folder there (expected RESULTS/RUN)")
     folder = run_dir / "report"
+    building = Path(tempfile.mkdtemp(prefix=".report-building-", dir=run_dir))   # beside report/: same disk
+    (building / "plots").mkdir()
+    try:
+        _write_report(run_dir, building, compare, tolerance, expected_path, n_resamples, min_change)
+        _publish(building, folder)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return folder
+
+
+def _publish(building: Path, folder: Path) -> None:
+    """Move a finished report into ``folder``: its plots and tables replace the old ones (a report
+    that fails while being built leaves the previous one whole); other files there stay."""
     (folder / "plots").mkdir(parents=True, exist_ok=True)
     for stale in [*(folder / "plots").glob("*.png"), *folder.glob("*.parquet")]:
         stale.unlink()
+    for path in sorted(building.rglob("*"), key=lambda q: q.suffix in (".md", ".html")):   # pages last
+        if path.is_file():
+            os.replace(path, folder / path.relative_to(building))
+
+
+def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expected_path, n_resamples: int,
+                  min_change: float) -> None:
     rows = annotate(read_rows(run_dir))
     expected = load_expected(expected_path)
     boards = leaderboards(rows, expected, tolerance, row_distributions(rows, n_resamples))
@@ -58,7 +81,6 @@ def build_report(run_dir: Path, compare: str | Path | None = None, tolerance: fl
     (folder / "report.md").write_text(markdown(blocks), encoding="utf-8")
     (folder / "report.html").write_text(html_page(blocks, f"adgrid report: {run_dir.name}", folder),
                                         encoding="utf-8")
-    return folder
 
 
 # ---------------------------------------------------------------- plots

@@ -539,6 +539,34 @@ def test_report_of_an_empty_run(tmp_path):
     assert (report / "report.html").exists()
 
 
+def test_a_report_that_fails_while_built_leaves_the_previous_one_whole(tmp_path_factory, monkeypatch):
+    from reports import leaderboard
+
+    rows = main_run_rows()
+    report = built(tmp_path_factory, "again", rows)
+    run = report.parent
+    (report / "notes.txt").write_text("mine")
+    before = {p.relative_to(report): p.read_bytes() for p in report.rglob("*") if p.is_file()}
+    assert any(p.suffix == ".png" for p in before) and any(p.suffix == ".parquet" for p in before)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plotting broke")
+
+    monkeypatch.setattr(leaderboard, "make_plots", broken)
+    with pytest.raises(RuntimeError, match="plotting broke"):
+        leaderboard.build_report(run)
+    after = {p.relative_to(report): p.read_bytes() for p in report.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in run.iterdir()) == ["report", "rows"]   # nothing half-built left
+    monkeypatch.undo()
+    # a good rebuild replaces plots and tables (a plot of a board no longer there goes), keeps other files
+    stale = report / "plots" / "bars_gone.png"
+    stale.write_bytes(b"old")
+    leaderboard.build_report(run)
+    assert not stale.exists() and (report / "notes.txt").read_text() == "mine"
+    assert (report / "report.md").read_bytes() != b"" and (report / "leaderboard.parquet").exists()
+
+
 def test_compare_with_a_folder_without_rows_fails_clearly(tmp_path):
     from reports.leaderboard import build_report
 
