@@ -273,23 +273,23 @@ def stated_oe_sets(setting) -> set[str]:
 def source_ok(setting, params: dict | None) -> bool:
     """False when the setting states an anomaly source other than the run's ``anomaly_source``,
     or, for outlier exposure, names OE sets and not the run's ``oe_dataset`` (rule 6)."""
-    source = (params or {}).get("anomaly_source")
-    stated = stated_sources(setting)
+    params = params or {}
+    source, stated = params.get("anomaly_source"), stated_sources(setting)
     if source is None or not stated:
         return True
     if source not in stated:
         return False
-    oe_sets, oe_dataset = stated_oe_sets(setting), (params or {}).get("oe_dataset")
+    oe_sets, oe_dataset = stated_oe_sets(setting), params.get("oe_dataset")
     return source != "oe" or not oe_sets or oe_dataset is None or oe_dataset in oe_sets
 
 
-def choose(found: pd.DataFrame, tokens: set[str], dataset: str, ood_sets: set[str] | None,
-           params: dict | None = None):
+def choose(found: pd.DataFrame, params: dict, dataset: str, ood_sets: set[str] | None):
     """The best reference among ``found`` for a run with these resolved ``params`` (rules 4 to 6
     above), or None."""
     kept = found[[ood_group_ok(s, dataset, ood_sets) and source_ok(s, params) for s in found["setting"]]]
     if kept.empty:
         return None
+    tokens = setting_tokens(params)
     scores = [setting_score(s, tokens) for s in kept["setting"]]
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     return kept.iloc[best]

@@ -16,7 +16,7 @@ from reports.bootstrap import (BOOTSTRAP_METRICS, N_RESAMPLES, mean_of, percenti
                                resample_metrics, resamples_for, row_seed, usable)
 from reports.expected import (LOWER_IS_BETTER, OOD_GROUPS, by_key, candidates, choose, class_key, group_complete,
                               group_members, group_of, group_references, mean_classes, ood_set_name, row_params,
-                              setting_tokens, source_ok, stated_oe_sets, stated_sources, status_of)
+                              source_ok, stated_oe_sets, stated_sources, status_of)
 from reports.rows import MEAN_COLUMN, as_array, column_order, ok_rows, present_metrics
 
 #: Row columns too large to carry through the table code (read from the full rows where needed).
@@ -63,9 +63,9 @@ def _as_reference(ref) -> dict:
     return {"expected": float(ref["value"]), "setting": ref["setting"], "source": ref["source"]}
 
 
-def _reference(index, method, dataset, protocol, key, metric, tokens, ood_sets, params) -> dict:
+def _reference(index, method, dataset, protocol, key, metric, params, ood_sets) -> dict:
     found = candidates(index, method, dataset, protocol, key, metric)
-    return _as_reference(choose(found, tokens, dataset, ood_sets, params))
+    return _as_reference(choose(found, params, dataset, ood_sets))
 
 
 def _other_source_note(found: pd.DataFrame, params: dict) -> str | None:
@@ -103,7 +103,7 @@ def _average(vrows, metric: str, columns: list[str], column_means: dict, column_
             "std": _seed_std(vrows, metric, columns), "ci_low": low, "ci_high": high}
 
 
-def _group_record(group: str, covered: list[str], vrows, metric, dataset, protocol, index, tokens, params,
+def _group_record(group: str, covered: list[str], vrows, metric, dataset, protocol, index, params,
                   average: dict) -> dict:
     """The mean over one OpenOOD group's measured sets; the paper's number for that group only when
     every set of the group is measured (as a paper's mean needs every class)."""
@@ -112,7 +112,7 @@ def _group_record(group: str, covered: list[str], vrows, metric, dataset, protoc
                              dataset, group)
     ref, note = dict(NO_REFERENCE), None
     if group_complete(dataset, group, covered):
-        ref = _as_reference(choose(found, tokens, dataset, set(covered), params))
+        ref = _as_reference(choose(found, params, dataset, set(covered)))
     elif not found.empty:
         missing = [m for m in members if m not in {ood_set_name(c) for c in covered}]
         note = (f"paper {group} value not compared: OpenOOD averages {', '.join(members)}; "
@@ -125,7 +125,6 @@ def _group_record(group: str, covered: list[str], vrows, metric, dataset, protoc
 def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tolerance, dists) -> list[dict]:
     method = vrows["method"].iloc[0]
     params = row_params(vrows.iloc[0])
-    tokens = setting_tokens(params)
     ood_sets = set(vrows["ood_set"].dropna()) if protocol == "ood" else None
     records, column_dists, column_means = [], {}, {}
     by_column = dict(tuple(vrows.groupby("column", sort=False)))
@@ -136,8 +135,7 @@ def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tol
         dist = (mean_of([dists.get(cid, {}).get(metric) for cid in crows["cell_id"]])
                 if metric in BOOTSTRAP_METRICS else None)
         low, high = percentile_interval(dist) if dist is not None else (np.nan, np.nan)
-        ref = _reference(index, method, dataset, protocol, class_key(dataset, column), metric, tokens, ood_sets,
-                         params)
+        ref = _reference(index, method, dataset, protocol, class_key(dataset, column), metric, params, ood_sets)
         mean = float(values.mean())
         records.append({"column": column, "column_key": class_key(dataset, column), "is_mean": False,
                         "is_group": False, "seeds": int(crows["seed"].nunique()), "mean": mean,
@@ -148,14 +146,13 @@ def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tol
     for group, members in board_groups(dataset, protocol, metric).items():
         covered = [c for c in measured if ood_set_name(c) in members]
         if covered:
-            groups.append(_group_record(group, covered, vrows, metric, dataset, protocol, index, tokens,
-                                        params, _average(vrows, metric, covered, column_means, column_dists)))
+            groups.append(_group_record(group, covered, vrows, metric, dataset, protocol, index, params,
+                                        _average(vrows, metric, covered, column_means, column_dists)))
     records += groups
     keys = {class_key(dataset, c) for c in measured}
     note, wanted = None, mean_classes(index, method, dataset, protocol, metric)
     if wanted is None or wanted <= keys:
-        ref = _reference(index, method, dataset, protocol, MEAN_COLUMN, metric, tokens, ood_sets,
-                         params)
+        ref = _reference(index, method, dataset, protocol, MEAN_COLUMN, metric, params, ood_sets)
     else:
         ref = dict(NO_REFERENCE)
         if not candidates(index, method, dataset, protocol, MEAN_COLUMN, metric).empty:

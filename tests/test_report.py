@@ -264,12 +264,10 @@ def test_expected_csv_is_data_with_a_source_for_every_number():
 
 
 def pick(method, dataset, protocol, key, metric, params=None, ood_sets=None):
-    from reports.expected import by_key, candidates, choose, load_expected, setting_tokens
+    from reports.expected import by_key, candidates, choose, load_expected
 
     index = by_key(load_expected())
-    params = params or {}
-    ref = choose(candidates(index, method, dataset, protocol, key, metric), setting_tokens(params),
-                 dataset, ood_sets, params)
+    ref = choose(candidates(index, method, dataset, protocol, key, metric), params or {}, dataset, ood_sets)
     return None if ref is None else (round(float(ref["value"]), 4), ref["setting"])
 
 
