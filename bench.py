@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``ray job stop``, ``kill``) delivered as an interrupt, so
+    the run stops the way Ctrl-C stops it: finished rows kept, workers killed, a resume hint."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -114,6 +126,8 @@ def cmd_run(argv: list[str]) -> int:
         from orchestrator.runner import Runner, start_ray
 
         dashboard = start_ray(args.address, node_ip=args.node_ip)
+        # after ray.init, which installs Ray's own SIGTERM handler (a native stack dump and abort)
+        signal.signal(signal.SIGTERM, _raise_terminated)
         if dashboard:
             print(f"Ray dashboard: {dashboard}")
         runner = Runner(todo, store, run_id=run_name, max_attempts=args.max_attempts,
@@ -122,8 +136,10 @@ def cmd_run(argv: list[str]) -> int:
                         workers=args.workers, overwrite=overwrite, progress=not args.quiet)
         try:
             s = runner.run()
+        except Terminated:
+            return EXIT_TERMINATED
         except KeyboardInterrupt:
-            return 130
+            return EXIT_INTERRUPTED
         print(f"finished in {s.wall_s:.1f}s on {s.workers} worker(s): ok {s.ok}, failed {s.failed}, "
               f"timeout {s.timeout}, retried {s.retried}")
     df = store.read()

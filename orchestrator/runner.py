@@ -60,7 +60,9 @@ def start_ray(address: str | None = None, node_ip: str = DEFAULT_NODE_IP, num_cp
                            "excludes": ["results/", ".git/", "**/__pycache__/", "reports/reproductions/"]}
         ctx = ray.init(address=address or None, runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
-        ctx = ray.init(num_cpus=num_cpus, _node_ip_address=node_ip, include_dashboard=dashboard,
+        # "local": a new instance even where ``ray start`` left an address file in /tmp/ray (Ray would
+        # otherwise join that cluster, or wait on it for ever once it is gone)
+        ctx = ray.init(address="local", num_cpus=num_cpus, _node_ip_address=node_ip, include_dashboard=dashboard,
                        dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
                        runtime_env={"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}})
     url = getattr(ctx, "dashboard_url", None)

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -116,17 +119,36 @@ def test_corrupt_row_file_is_treated_as_not_done(tmp_path):
     assert store.clean_temporaries() == 1
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
-                         ids=["sigkill", "ctrl-c"])
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["sigkill", "sigterm", "ctrl-c"])
 def test_resume_after_the_driver_is_killed(tmp_path, sig):
-    """Kill the driver mid-grid; the same command then runs only the cells without a row."""
+    """Kill the driver mid-grid; the same command then runs only the cells without a row.
+
+    SIGTERM (a scheduler's preemption) and Ctrl-C stop it cleanly: the resume hint, the exit status
+    a shell expects, and no process of the Ray it started left behind. The SIGTERM run also has a
+    stale ``ray_current_cluster`` file (from a ``ray start`` that is gone) in its Ray temp folder,
+    which a local run must ignore rather than wait on."""
     path = write_grid(tmp_path / "g.yaml", grid_text("resume", "- name: noop\n  params: {sleep_s: 0.7}\n",
                                                       classes="[0, 1, 2, 3, 4]", seeds="[0, 1]"))
     results = tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "bench.py"), str(path), "--results", str(results), "--quiet",
            "--no-report", "--node-ip", "127.0.0.4"]
+    env = dict(os.environ)
+    if sig == signal.SIGTERM:
+        ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live here
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.4:6391")  # nothing listens there
+        env["RAY_TMPDIR"] = str(ray_tmp)
     proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=env)
     rows_dir = results / "resume" / "rows"
     deadline = time.time() + 180
     while time.time() < deadline and len(list(rows_dir.glob("*.parquet"))) < 3:
@@ -136,21 +158,29 @@ def test_resume_after_the_driver_is_killed(tmp_path, sig):
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
     else:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.send_signal(sig)  # to the driver alone, as Ctrl-C's terminal or a scheduler sends it
     out = proc.communicate(timeout=60)[0]
-    if sig == signal.SIGINT:
-        assert "run the same command again to resume" in out
+    if sig != signal.SIGKILL:
+        assert "run the same command again to resume" in out, out
+        assert "SIGTERM received" not in out, out  # Ray's native handler did not take it
+        assert proc.returncode == 128 + sig, (proc.returncode, out)
+        deadline = time.time() + 20
+        while time.time() < deadline and _group_alive(proc.pid):
+            time.sleep(0.5)
+        assert not _group_alive(proc.pid), "the driver's Ray outlived it"
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     before = {f.name: f.stat().st_mtime_ns for f in rows_dir.glob("*.parquet")}
-    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"{len(before)} already done, {10 - len(before)} to run" in second.stdout
     df = pd.read_parquet(rows_dir)
     assert len(df) == 10 and df["cell_id"].is_unique and (df["status"] == "ok").all()
     assert {f.name: f.stat().st_mtime_ns for f in rows_dir.glob("*.parquet") if f.name in before} == before
     assert not list(rows_dir.glob(".*"))
-    third = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    third = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert "10 already done, 0 to run" in third.stdout
+    if "RAY_TMPDIR" in env:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
