@@ -435,6 +435,27 @@ def test_reproduction_failures_and_cost_tables(report):
     assert "wall time 12.5 min" in md
 
 
+def test_cold_fit_is_what_a_cell_costs_without_the_worker_cache():
+    """A cache hit's fit leaves the shared build out (the dcae cells that found dsvdd's pre-training);
+    'cold fit' averages the cells that built their own, and says nothing where none did."""
+    from reports.cost import cost_table
+    from reports.rows import annotate
+
+    rows = []
+    for method, fits, hits in [("dcae", (300.0, 4.0, 5.0), (False, True, True)),
+                               ("dsvdd", (9.0, 9.0), (True, True)),
+                               ("fcdd_ae", (60.0, 80.0), (None, None))]:
+        for seed, (fit_s, hit) in enumerate(zip(fits, hits)):
+            row = make_row(method, "fashion_mnist", "one_class", "Trouser", seed, fit_s=fit_s)
+            rows.append(dict(row, feature_cache_hit=hit))
+    no_boards = pd.DataFrame(columns=["board", "protocol", "is_mean", "metric", "variant", "mean"])
+    cost = cost_table(annotate(pd.DataFrame(rows)), no_boards).set_index("variant")
+    assert cost.loc["dcae", "fit_s"] == pytest.approx(103.0) and cost.loc["dcae", "cold_fit_s"] == 300.0
+    assert cost.loc["dcae", "cache_hits"] == pytest.approx(2 / 3)
+    assert np.isnan(cost.loc["dsvdd", "cold_fit_s"]) and cost.loc["dsvdd", "fit_s"] == 9.0
+    assert cost.loc["fcdd_ae", "cold_fit_s"] == cost.loc["fcdd_ae", "fit_s"] == 70.0
+
+
 def test_every_plot_is_a_valid_png_and_linked(report):
     from PIL import Image
 
