@@ -39,7 +39,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results folder (default: results/)")
     p.add_argument("--run", help="run name (default: the grid's name)")
     p.add_argument("--address", help="existing Ray cluster: auto or HOST:PORT")
-    p.add_argument("--node-ip", default="127.0.0.2", help="node address of a local Ray (loopback)")
+    p.add_argument("--node-ip", help="node address of a local Ray (default 127.0.0.2, or the next free "
+                   "loopback address where another local Ray runs on it)")
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="restrict the grid (method=, dataset=, class=, seed=, protocol=); repeatable")
     p.add_argument("--dry-run", action="store_true", help="print the cells and start nothing")
@@ -123,9 +124,14 @@ def cmd_run(argv: list[str]) -> int:
     print(f"grid {grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run"
           f" -> {store.rows_dir}")
     if todo:
-        from orchestrator.runner import Runner, start_ray
+        from orchestrator.runner import DEFAULT_NODE_IP, Runner, free_node_ip, start_ray
 
-        dashboard = start_ray(args.address, node_ip=args.node_ip)
+        node_ip = args.node_ip
+        if node_ip is None and not (args.address or os.environ.get("RAY_ADDRESS")):
+            node_ip = free_node_ip(DEFAULT_NODE_IP)
+            if node_ip != DEFAULT_NODE_IP:
+                print(f"another local Ray runs on {DEFAULT_NODE_IP}: this one starts on {node_ip}")
+        dashboard = start_ray(args.address, node_ip=node_ip or DEFAULT_NODE_IP)
         # after ray.init, which installs Ray's own SIGTERM handler (a native stack dump and abort)
         signal.signal(signal.SIGTERM, _raise_terminated)
         if dashboard:

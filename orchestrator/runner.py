@@ -9,6 +9,7 @@ arrives, so killing the driver loses only the cells in flight.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,32 @@ def git_sha(repo: Path | None = None) -> str | None:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                            capture_output=True, text=True, timeout=5).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def node_ip_free(ip: str) -> bool:
+    """Whether no Ray runs on node address ``ip`` here: its dashboard agent's fixed port (52365,
+    which ``ray.init`` cannot move) is free. A second local Ray on a taken address starts, but
+    without its agent's HTTP service, so its dashboard shows no logs or node metrics."""
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((ip, DEFAULT_DASHBOARD_AGENT_LISTEN_PORT))
+        except OSError:
+            return False
+    return True
+
+
+def free_node_ip(preferred: str = DEFAULT_NODE_IP) -> str:
+    """``preferred``, or where another local Ray already runs there (a second grid on one machine),
+    the next loopback address 127.0.0.x that has none."""
+    if node_ip_free(preferred):
+        return preferred
+    for last in range(int(preferred.rsplit(".", 1)[1]) + 1, 255):
+        candidate = f"127.0.0.{last}"
+        if node_ip_free(candidate):
+            return candidate
+    return preferred
 
 
 def start_ray(address: str | None = None, node_ip: str = DEFAULT_NODE_IP, num_cpus: int | None = None,

@@ -119,6 +119,39 @@ def test_corrupt_row_file_is_treated_as_not_done(tmp_path):
     assert store.clean_temporaries() == 1
 
 
+def test_a_second_local_run_takes_the_next_free_loopback_address(tmp_path):
+    """Where a local Ray already holds the default node address (its dashboard agent's port 52365:
+    another grid running on this machine), a run starts on the next loopback address instead of
+    losing its agent there, and says so."""
+    import re
+    import socket
+
+    from orchestrator.runner import free_node_ip, node_ip_free
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other_ray:
+        other_ray.bind(("127.0.0.40", 52365))
+        other_ray.listen()
+        assert not node_ip_free("127.0.0.40") and node_ip_free("127.0.0.41")
+        assert free_node_ip("127.0.0.40") == "127.0.0.41"
+    assert free_node_ip("127.0.0.40") == "127.0.0.40"
+
+    path = write_grid(tmp_path / "g.yaml", grid_text("second", "- name: noop\n", classes="[0]"))
+    cmd = [sys.executable, str(ROOT / "bench.py"), str(path), "--results", str(tmp_path / "results"),
+           "--quiet", "--no-report"]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other_ray:
+        try:
+            other_ray.bind(("127.0.0.2", 52365))
+            other_ray.listen()
+        except OSError:  # a Ray of this test session holds it already: the same situation
+            pass
+        run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    moved = re.search(r"another local Ray runs on 127\.0\.0\.2: this one starts on (127\.0\.0\.\d+)", run.stdout)
+    assert moved, run.stdout
+    rows = pd.read_parquet(tmp_path / "results" / "second" / "rows")
+    assert rows["node_ip"].tolist() == [moved.group(1)] and rows["status"].tolist() == ["ok"]
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
