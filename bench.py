@@ -132,20 +132,23 @@ def cmd_run(argv: list[str]) -> int:
             if node_ip != DEFAULT_NODE_IP:
                 print(f"another local Ray runs on {DEFAULT_NODE_IP}: this one starts on {node_ip}")
         dashboard = start_ray(args.address, node_ip=node_ip or DEFAULT_NODE_IP)
-        # after ray.init, which installs Ray's own SIGTERM handler (a native stack dump and abort)
-        signal.signal(signal.SIGTERM, _raise_terminated)
         if dashboard:
             print(f"Ray dashboard: {dashboard}")
         runner = Runner(todo, store, run_id=run_name, max_attempts=args.max_attempts,
                         cell_timeout=args.cell_timeout,
                         cache_bytes=0 if args.no_feature_cache else int(args.cache_gb * (1 << 30)),
                         workers=args.workers, overwrite=overwrite, progress=not args.quiet)
+        # after ray.init, which installs Ray's own SIGTERM handler (a native stack dump and abort);
+        # once the grid is done, SIGTERM just ends the process (a report is built aside, then moved)
+        signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             s = runner.run()
         except Terminated:
             return EXIT_TERMINATED
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         print(f"finished in {s.wall_s:.1f}s on {s.workers} worker(s): ok {s.ok}, failed {s.failed}, "
               f"timeout {s.timeout}, retried {s.retried}")
     df = store.read()
