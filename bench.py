@@ -29,7 +29,14 @@ class Terminated(KeyboardInterrupt):
     the run stops the way Ctrl-C stops it: finished rows kept, workers killed, a resume hint."""
 
 
+_sigterm_received = False
+
+
 def _raise_terminated(signum, frame):
+    # Ray's blocking calls (ray.wait, ray.get) run Python signal handlers themselves and re-raise
+    # whatever they raise as a plain KeyboardInterrupt, so the exit status reads this flag instead
+    global _sigterm_received
+    _sigterm_received = True
     raise Terminated()
 
 
@@ -143,10 +150,8 @@ def cmd_run(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             s = runner.run()
-        except Terminated:
-            return EXIT_TERMINATED
         except KeyboardInterrupt:
-            return EXIT_INTERRUPTED
+            return EXIT_TERMINATED if _sigterm_received else EXIT_INTERRUPTED
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         print(f"finished in {s.wall_s:.1f}s on {s.workers} worker(s): ok {s.ok}, failed {s.failed}, "
