@@ -10,8 +10,12 @@ every count is 1. No per-resample sort, no Python loop over resamples.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import zipfile
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -124,8 +128,10 @@ def aupr_out(c: Curves) -> np.ndarray:
 
 
 def _from_below(c: Curves) -> tuple[np.ndarray, np.ndarray]:
-    """(ID weight, OOD weight) with score <= t, thresholds increasing, origin column first."""
-    return (c.neg[:, None] - c.fp)[:, ::-1], (c.pos[:, None] - c.tp)[:, ::-1]
+    """(ID weight, OOD weight) with score <= t, thresholds increasing, origin column first (copied
+    in that order: the metric's passes over a reversed view take several times longer)."""
+    return (np.ascontiguousarray((c.neg[:, None] - c.fp)[:, ::-1]),
+            np.ascontiguousarray((c.pos[:, None] - c.tp)[:, ::-1]))
 
 
 def aupr_in(c: Curves) -> np.ndarray:
@@ -136,17 +142,21 @@ def aupr_in(c: Curves) -> np.ndarray:
 
 def fpr95(c: Curves, recall: float = 0.95) -> np.ndarray:
     """OOD weight kept (score <= t) at the smallest t keeping >= 95% of the ID weight (rule at_least)."""
-    id_kept, ood_kept = _from_below(c)
-    first = np.argmax(id_kept >= recall * c.neg[:, None] - 1e-6, axis=1)
-    return ood_kept[np.arange(first.size), first].astype(np.float64) / c.pos
+    # ID weight kept grows as t falls through the columns from the right, so the smallest such t is
+    # the column left of those keeping too little; counting them avoids a reversed copy
+    keeps_too_little = np.sum((c.neg[:, None] - c.fp) < recall * c.neg[:, None] - 1e-6, axis=1)
+    rows = np.arange(keeps_too_little.size)
+    ood_kept = c.pos - c.tp[rows, c.tp.shape[1] - 1 - keeps_too_little]
+    return ood_kept.astype(np.float64) / c.pos
 
 
-def _next_step(moves: np.ndarray) -> np.ndarray:
-    """``out[:, k]``: the first column after k whose point moved (``moves``), else the column count."""
-    columns = np.arange(moves.shape[1])
-    at = np.where(moves, columns, moves.shape[1])
-    following = np.minimum.accumulate(at[:, ::-1], axis=1)[:, ::-1]
-    return np.concatenate([following[:, 1:], np.full((moves.shape[0], 1), moves.shape[1])], axis=1)
+def _first_count_reaching(total: np.ndarray, recall: float) -> np.ndarray:
+    """Per row the smallest integer count ``t`` with ``t / total >= recall`` in float64, as sklearn
+    divides: ``ceil(recall * total)`` moved by the one step rounding can put it off."""
+    total = total.astype(np.float64)
+    t = np.ceil(recall * total)
+    t = np.where((t - 1.0) / total >= recall, t - 1.0, t)
+    return np.where(t / total < recall, t + 1.0, t)
 
 
 def fpr95_openood(c: Curves, recall: float = 0.95) -> np.ndarray:
@@ -157,23 +167,27 @@ def fpr95_openood(c: Curves, recall: float = 0.95) -> np.ndarray:
     equal in both counts; then the first kept point at or after it is used. So from the first point
     reaching 95%, walk forward while the step into the point equals the step out of it.
     """
-    rows = np.arange(c.tp.shape[0])
-    d_tp, d_fp = np.diff(c.tp, axis=1), np.diff(c.fp, axis=1)  # step into column k + 1
-    moves = np.concatenate([np.zeros((rows.size, 1), bool), (d_tp != 0) | (d_fp != 0)], axis=1)
-    step_tp = np.concatenate([np.zeros((rows.size, 1), d_tp.dtype), d_tp], axis=1)
-    step_fp = np.concatenate([np.zeros((rows.size, 1), d_fp.dtype), d_fp], axis=1)
-    following = _next_step(moves)
-    last = moves.shape[1]
-    tpr = c.tp.astype(np.float64) / c.pos.astype(np.float64)[:, None]  # float64, as sklearn
-    point = np.argmax(tpr >= recall, axis=1)  # a moved point: tp rose to reach it
-    walking = np.argmax(moves, axis=1) < point  # sklearn always keeps the first point
+    n_rows, width = c.tp.shape
+    rows = np.arange(n_rows)
+    d_tp, d_fp = np.diff(c.tp, axis=1), np.diff(c.fp, axis=1)  # [:, k]: the step into column k + 1
+    steps = width - 1
+    # the columns a resample holds a score at, as sorted flat indices into the steps: row r's are
+    # contiguous, so "the next one after column k" is one binary search per row
+    held = np.flatnonzero((d_tp != 0) | (d_fp != 0))
+    row_start = rows * steps
+    # tp only grows along a row: the first column reaching 95% follows those below it
+    needed = _first_count_reaching(c.pos, recall).astype(c.tp.dtype)
+    point = np.sum(c.tp < needed[:, None], axis=1)  # a held column: tp rose to reach it
+    first_held = held[np.searchsorted(held, row_start)] - row_start + 1
+    walking = first_held < point  # sklearn always keeps the first point
     while walking.any():
-        nxt = following[rows, point]
-        has_next = nxt < last
-        nxt_safe = np.where(has_next, nxt, point)
-        walking &= has_next & (step_tp[rows, point] == step_tp[rows, nxt_safe]) \
-            & (step_fp[rows, point] == step_fp[rows, nxt_safe])
-        point = np.where(walking, nxt_safe, point)
+        i = np.searchsorted(held, row_start + point - 1, side="right")
+        nxt_flat = held[np.minimum(i, held.size - 1)]
+        has_next = (i < held.size) & (nxt_flat < row_start + steps)
+        nxt = np.where(has_next, nxt_flat - row_start + 1, point)
+        walking &= has_next & (d_tp[rows, point - 1] == d_tp[rows, nxt - 1]) \
+            & (d_fp[rows, point - 1] == d_fp[rows, nxt - 1])
+        point = np.where(walking, nxt, point)
     return c.fp[rows, point].astype(np.float64) / c.neg
 
 
@@ -223,6 +237,60 @@ def resample_metrics(labels, score_sets, metrics=BOOTSTRAP_METRICS, n_resamples:
             for m in metrics:
                 out[m][start:stop, j] = METRIC_FUNCTIONS[m](c)
     return out
+
+
+class DistributionCache:
+    """Bootstrap distributions of rows already resampled, in one ``.npz`` file of a run folder.
+
+    Rows never change once written, so a report rebuilt after a resumed or extended run resamples
+    only the new rows. An entry's key hashes everything its values depend on: the labels, the
+    scores, the metrics, the resample count, the row's seed and this module's source (a change to
+    the resampling invalidates every entry). A missing, truncated or corrupt file is an empty cache;
+    ``save`` keeps only the entries used by this build and replaces the file atomically.
+    """
+
+    CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.stored: dict[str, dict[str, np.ndarray]] = {}
+        self.used: dict[str, dict[str, np.ndarray]] = {}
+        self.hits = self.misses = 0
+        try:
+            with np.load(self.path, allow_pickle=False) as archive:
+                for name in archive.files:
+                    key, metric = name.split("/", 1)
+                    self.stored.setdefault(key, {})[metric] = archive[name]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            self.stored = {}  # absent or unreadable: every row is resampled and the file rewritten
+
+    @classmethod
+    def key(cls, labels: np.ndarray, scores: np.ndarray, metrics, n_resamples: int, seed: int) -> str:
+        h = hashlib.sha256(cls.CODE.encode())
+        h.update(np.ascontiguousarray(labels, dtype=np.int8).tobytes())
+        h.update(np.ascontiguousarray(scores, dtype=np.float64).tobytes())
+        h.update(f"{','.join(metrics)}|{n_resamples}|{seed}".encode())
+        return h.hexdigest()[:32]
+
+    def get(self, key: str, metrics) -> dict[str, np.ndarray] | None:
+        found = self.stored.get(key)
+        if found is None or any(m not in found for m in metrics):
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.used[key] = found
+        return found
+
+    def put(self, key: str, distributions: dict[str, np.ndarray]) -> None:
+        self.used[key] = distributions
+
+    def save(self) -> None:
+        if self.misses == 0 and set(self.used) == set(self.stored):
+            return  # nothing new, nothing dropped
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        with open(partial, "wb") as f:
+            np.savez(f, **{f"{key}/{m}": v for key, d in self.used.items() for m, v in d.items()})
+        os.replace(partial, self.path)
 
 
 def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from reports import plots
-from reports.bootstrap import BOOTSTRAP_METRICS, LEVEL, N_RESAMPLES
+from reports.bootstrap import BOOTSTRAP_METRICS, LEVEL, N_RESAMPLES, DistributionCache
 from reports.compare import MIN_CHANGE, compare_runs
 from reports.cost import cost_table, run_summary
 from reports.document import Bullets, Code, Heading, Image, Paragraph, Table, html_page, markdown
@@ -22,6 +22,8 @@ from reports.expected import EXPECTED_CSV, LOWER_IS_BETTER, OOD_GROUPS, load_exp
 from reports.rows import annotate, column_order, read_rows
 from reports.tables import failures, leaderboards, reproduction, row_distributions
 
+#: The rows' bootstrap distributions, kept beside rows/ so a rebuilt report resamples new rows only.
+BOOTSTRAP_CACHE = ".bootstrap-cache.npz"
 BAR_METRICS = ("image_auroc", "pixel_auroc", "pro")
 GALLERY_CLASSES = 3   # per method
 GALLERY_ROWS = 8      # per board
@@ -66,7 +68,8 @@ def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expect
                   min_change: float) -> None:
     rows = annotate(read_rows(run_dir))
     expected = load_expected(expected_path)
-    boards = leaderboards(rows, expected, tolerance, row_distributions(rows, n_resamples))
+    cache = DistributionCache(run_dir / BOOTSTRAP_CACHE)
+    boards = leaderboards(rows, expected, tolerance, row_distributions(rows, n_resamples, cache))
     tables = {"leaderboard": boards, "reproduction": reproduction(boards, expected),
               "failures": failures(rows), "cost": cost_table(rows, boards)}
     if compare is not None:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from reports.bootstrap import (BOOTSTRAP_METRICS, N_RESAMPLES, mean_of, percentile_interval,
+from reports.bootstrap import (BOOTSTRAP_METRICS, N_RESAMPLES, DistributionCache, mean_of, percentile_interval,
                                resample_metrics, resamples_for, row_seed, usable)
 from reports.expected import (LOWER_IS_BETTER, OOD_GROUPS, by_key, candidates, choose, class_key, group_complete,
                               group_members, group_of, group_references, mean_classes, ood_set_name, row_params,
@@ -35,17 +35,27 @@ ID_METRICS = frozenset({"accuracy"})
 NO_REFERENCE = {"expected": np.nan, "setting": None, "source": None}
 
 
-def row_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES) -> dict[str, dict[str, np.ndarray]]:
-    """``{cell_id: {metric: bootstrap values}}`` for every ok row with usable labels and scores."""
+def row_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES,
+                      cache: DistributionCache | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """``{cell_id: {metric: bootstrap values}}`` for every ok row with usable labels and scores;
+    with a ``cache``, rows resampled by an earlier build are read from it (and new ones added)."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for r in ok_rows(rows).to_dict("records"):
         metrics = [m for m in BOOTSTRAP_METRICS if _finite(r.get(m))]
         labels, scores = as_array(r.get("labels"), np.int8), as_array(r.get("image_scores"))
         if not metrics or not usable(labels, scores):
             continue
-        sampled = resample_metrics(labels, [scores], metrics, resamples_for(labels.size, n_resamples),
-                                   row_seed(r["cell_id"]))
-        out[r["cell_id"]] = {m: v[:, 0] for m, v in sampled.items()}
+        n, seed = resamples_for(labels.size, n_resamples), row_seed(r["cell_id"])
+        key = DistributionCache.key(labels, scores, metrics, n, seed) if cache is not None else None
+        found = cache.get(key, metrics) if cache is not None else None
+        if found is None:
+            sampled = resample_metrics(labels, [scores], metrics, n, seed)
+            found = {m: v[:, 0] for m, v in sampled.items()}
+            if cache is not None:
+                cache.put(key, found)
+        out[r["cell_id"]] = found
+    if cache is not None:
+        cache.save()
     return out
 
 

@@ -209,6 +209,43 @@ def test_bootstrap_is_seeded_stratified_and_covers_the_estimate():
     assert b.row_seed("abc") == b.row_seed("abc") != b.row_seed("abd")
 
 
+def test_a_rebuilt_report_resamples_only_rows_the_cache_does_not_hold(tmp_path, monkeypatch):
+    """The cache gives exactly what resampling gives; a new or changed row is resampled, a row that
+    left the run is dropped from the file, and a corrupt file is a cold cache, not an error."""
+    from reports import bootstrap as b
+    from reports import tables
+    from reports.rows import annotate
+
+    calls = []
+    real = tables.resample_metrics
+    monkeypatch.setattr(tables, "resample_metrics", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = [make_row("padim", "mvtec", "one_class", c, seed) for c in ("bottle", "cable") for seed in (0, 1)]
+    frame = annotate(pd.DataFrame(rows))
+    path = tmp_path / ".bootstrap-cache.npz"
+    cold = tables.row_distributions(frame, 300)
+    first = tables.row_distributions(frame, 300, b.DistributionCache(path))
+    assert len(calls) == 8 and path.is_file()
+    warm = tables.row_distributions(frame, 300, b.DistributionCache(path))
+    assert len(calls) == 8  # nothing resampled
+    for cell_id, dists in cold.items():
+        assert set(dists) == set(warm[cell_id]) == {"image_auroc"}
+        assert np.array_equal(dists["image_auroc"], warm[cell_id]["image_auroc"])
+        assert np.array_equal(first[cell_id]["image_auroc"], warm[cell_id]["image_auroc"])
+    changed = [dict(r) for r in rows[:3]]
+    changed[0]["image_scores"] = list(np.asarray(changed[0]["image_scores"]) * 2.0 + 1.0)  # ranks kept
+    tables.row_distributions(annotate(pd.DataFrame(changed)), 300, b.DistributionCache(path))
+    assert len(calls) == 9  # only the changed row
+    with np.load(path) as archive:
+        assert len(archive.files) == 3  # the build's 3 rows; the fourth is gone
+    fewer = tables.row_distributions(frame, 200, b.DistributionCache(path))
+    assert len(calls) == 13 and {v["image_auroc"].size for v in fewer.values()} == {200}  # another entry
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    again = tables.row_distributions(frame, 300, b.DistributionCache(path))
+    assert len(calls) == 17 and all(np.array_equal(again[k]["image_auroc"], v["image_auroc"]) for k, v in cold.items())
+    tables.row_distributions(frame, 300, b.DistributionCache(path))
+    assert len(calls) == 17  # and the rewritten file is whole again
+
+
 # ---------------------------------------------------------------- matching paper numbers
 
 def test_class_keys_map_names_to_the_indices_the_reference_file_uses():
