@@ -99,7 +99,7 @@ def board_groups(dataset: str, protocol: str, metric: str) -> dict[str, tuple[st
 
 def _seed_std(rows: pd.DataFrame, metric: str, columns: list[str]) -> float:
     """Std over seeds of the per-seed mean over columns (seeds measured on every column only)."""
-    table = rows.pivot_table(index="seed", columns="column", values=metric, aggfunc="mean")
+    table = rows.groupby(["seed", "column"])[metric].mean().unstack("column")  # pivot_table, 5x faster
     table = table.reindex(columns=columns).dropna()
     return _std(table.mean(axis=1).to_numpy(float))
 
