@@ -613,7 +613,8 @@ def test_a_report_that_fails_while_built_leaves_the_previous_one_whole(tmp_path_
         leaderboard.build_report(run)
     after = {p.relative_to(report): p.read_bytes() for p in report.rglob("*") if p.is_file()}
     assert after == before
-    assert sorted(p.name for p in run.iterdir()) == ["report", "rows"]   # nothing half-built left
+    # nothing half-built left; the bootstrap cache is whole (written before the plots, atomically)
+    assert sorted(p.name for p in run.iterdir()) == [".bootstrap-cache.npz", "report", "rows"]
     monkeypatch.undo()
     # a good rebuild replaces plots and tables (a plot of a board no longer there goes), keeps other files
     stale = report / "plots" / "bars_gone.png"
