@@ -28,9 +28,10 @@ want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  # --no-compile: byte-compiling all 6.5 GB (torch, ray, CUDA wheels...) took longer than installing
-  # them (~100 s of ~200 s here); Python compiles the modules a run imports, once, on first import
+  # pip byte-compiles on one core, ~100 s of a ~200 s install here; compileall does it on all cores
+  # (a run imports ~4,500 modules, torch's and ray's included, so compiling lazily saves nothing)
   .venv/bin/python -m pip install -q --no-compile -r requirements.txt
+  .venv/bin/python -m compileall -q -j 0 .venv/lib/python*/site-packages >/dev/null 2>&1 || true
   echo "$want" > "$stamp"
 fi
 echo "adgrid: environment ready in .venv"
