@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,8 +260,8 @@ class DistributionCache:
                 for name in archive.files:
                     key, metric = name.split("/", 1)
                     self.stored.setdefault(key, {})[metric] = archive[name]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            self.stored = {}  # absent or unreadable: every row is resampled and the file rewritten
+        except Exception:  # absent, truncated, not an npz, a bad member: only time is lost
+            self.stored = {}  # every row is resampled and the file rewritten
 
     @classmethod
     def key(cls, labels: np.ndarray, scores: np.ndarray, metrics, n_resamples: int, seed: int) -> str:
