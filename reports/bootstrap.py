@@ -254,7 +254,7 @@ class DistributionCache:
         self.path = Path(path)
         self.stored: dict[str, dict[str, np.ndarray]] = {}
         self.used: dict[str, dict[str, np.ndarray]] = {}
-        self.hits = self.misses = 0
+        self.misses = 0
         try:
             with np.load(self.path, allow_pickle=False) as archive:
                 for name in archive.files:
@@ -276,7 +276,6 @@ class DistributionCache:
         if found is None or any(m not in found for m in metrics):
             self.misses += 1
             return None
-        self.hits += 1
         self.used[key] = found
         return found
 

@@ -47,7 +47,7 @@ def row_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES,
             continue
         n, seed = resamples_for(labels.size, n_resamples), row_seed(r["cell_id"])
         key = DistributionCache.key(labels, scores, metrics, n, seed) if cache is not None else None
-        found = cache.get(key, metrics) if cache is not None else None
+        found = cache.get(key, metrics) if key is not None else None
         if found is None:
             sampled = resample_metrics(labels, [scores], metrics, n, seed)
             found = {m: v[:, 0] for m, v in sampled.items()}
