@@ -40,6 +40,24 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def run_stoppable(runner):
+    """Run the grid with SIGTERM delivered as an interrupt. Returns the runner's summary, or the
+    exit status a shell expects when SIGTERM (143) or Ctrl-C (130) stopped it; finished rows stay.
+
+    Call it after ray.init, which installs Ray's own SIGTERM handler (a native stack dump and
+    abort). Once the grid is done SIGTERM just ends the process: a report is built aside, then
+    moved, so a half-built one never replaces the last."""
+    global _sigterm_received
+    _sigterm_received = False
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return runner.run()
+    except KeyboardInterrupt:
+        return EXIT_TERMINATED if _sigterm_received else EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench.py", description="Run a benchmark grid over Ray.")
     p.add_argument("grid", help="grid YAML file (see grids/demo.yaml)")
@@ -145,15 +163,9 @@ def cmd_run(argv: list[str]) -> int:
                         cell_timeout=args.cell_timeout,
                         cache_bytes=0 if args.no_feature_cache else int(args.cache_gb * (1 << 30)),
                         workers=args.workers, overwrite=overwrite, progress=not args.quiet)
-        # after ray.init, which installs Ray's own SIGTERM handler (a native stack dump and abort);
-        # once the grid is done, SIGTERM just ends the process (a report is built aside, then moved)
-        signal.signal(signal.SIGTERM, _raise_terminated)
-        try:
-            s = runner.run()
-        except KeyboardInterrupt:
-            return EXIT_TERMINATED if _sigterm_received else EXIT_INTERRUPTED
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        s = run_stoppable(runner)
+        if isinstance(s, int):
+            return s
         print(f"finished in {s.wall_s:.1f}s on {s.workers} worker(s): ok {s.ok}, failed {s.failed}, "
               f"timeout {s.timeout}, retried {s.retried}")
     df = store.read()

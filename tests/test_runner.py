@@ -160,6 +160,42 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def test_sigterm_while_the_driver_waits_on_ray_exits_143(ray_local, tmp_path):
+    """SIGTERM landing inside ray.wait, where the driver spends nearly all of a grid: Ray runs the
+    handler there and re-raises what it raised as a plain KeyboardInterrupt, which must still exit
+    143 (terminated), not 130 (Ctrl-C), so a scheduler sees a preemption. The cell hangs, so the
+    signal cannot land anywhere but the wait loop."""
+    import threading
+
+    import bench
+    from orchestrator.config import load_grid
+    from orchestrator.grid import expand
+    from orchestrator.runner import Runner
+    from orchestrator.store import RowStore
+
+    grid = load_grid(write_grid(tmp_path / "g.yaml", grid_text("wait", "- name: noop\n  params: {hang: true}\n",
+                                                              classes="[0]")))
+    store = RowStore(tmp_path / "results" / "wait")
+    runner = Runner(expand(grid).cells, store, run_id="wait", progress=False, workers=1)
+
+    def terminate_once_cells_run():
+        deadline = time.time() + 120
+        while runner.summary.startup_s == 0.0 and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # the cell is dispatched and hangs; the driver polls ray.wait
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_cells_run, daemon=True).start()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        status = bench.run_stoppable(runner)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert status == 143, status
+    assert runner.summary.startup_s > 0  # it stopped in the grid's loop, not while workers booted
+    assert store.statuses() == {}  # the hung cell has no row: a resume runs it
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
                          ids=["sigkill", "sigterm", "ctrl-c"])
 def test_resume_after_the_driver_is_killed(tmp_path, sig):
