@@ -182,6 +182,16 @@ class Runner:
             self.cache_bytes, opts.get("num_gpus", 0) > 0, int(max(1, opts.get("num_cpus", 1))))
         return Slot(handle=handle)
 
+    @staticmethod
+    def _kill(slots: list[Slot]) -> None:
+        import ray
+
+        for slot in slots:
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception:
+                pass
+
     def _wait_ready(self, slots: list[Slot], opts: dict, timeout_s: float = 600) -> None:
         import ray
         from ray.exceptions import GetTimeoutError
@@ -229,7 +239,16 @@ class Runner:
         count = min(self.n_workers or count, max(1, len(self.cells)))
         slots = [self._new_worker(opts) for _ in range(count)]
         self.summary.workers = count
-        self._wait_ready(slots, opts)
+        try:
+            self._wait_ready(slots, opts)
+        except KeyboardInterrupt:
+            self._kill(slots)
+            print(f"\ninterrupted while {count} worker(s) started: no cell ran; "
+                  "run the same command again to resume")
+            raise
+        except BaseException:
+            self._kill(slots)
+            raise
         self.summary.startup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         taken: set[tuple] = set()
@@ -242,10 +261,7 @@ class Runner:
         def replace(slot: Slot) -> None:
             """Kill the worker, start a fresh one; the cells still queued on it go back (the
             caller has taken the lost or timed-out cell off the slot already)."""
-            try:
-                ray.kill(slot.handle, no_restart=True)
-            except Exception:
-                pass
+            self._kill([slot])
             for queued in reversed(slot.tasks):
                 requeue(queued.cell, queued.attempt)
             slot.tasks.clear()
@@ -321,11 +337,7 @@ class Runner:
                   f"rows written to {self.store.rows_dir}; run the same command again to resume")
             raise
         finally:
-            for slot in slots:
-                try:
-                    ray.kill(slot.handle, no_restart=True)
-                except Exception:
-                    pass
+            self._kill(slots)
             bar.close()
         self.summary.wall_s = time.perf_counter() - t0
         return self.summary

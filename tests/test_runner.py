@@ -160,12 +160,16 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def test_sigterm_while_the_driver_waits_on_ray_exits_143(ray_local, tmp_path):
-    """SIGTERM landing inside ray.wait, where the driver spends nearly all of a grid: Ray runs the
-    handler there and re-raises what it raised as a plain KeyboardInterrupt, which must still exit
-    143 (terminated), not 130 (Ctrl-C), so a scheduler sees a preemption. The cell hangs, so the
-    signal cannot land anywhere but the wait loop."""
+@pytest.mark.parametrize("stage", ["cells run", "workers start"])
+def test_sigterm_while_the_driver_waits_on_ray_exits_143(ray_local, tmp_path, capsys, stage):
+    """SIGTERM landing inside ray.wait or ray.get, where the driver spends nearly all of a grid: Ray
+    runs the handler there and re-raises what it raised as a plain KeyboardInterrupt, which must
+    still exit 143 (terminated), not 130 (Ctrl-C), so a scheduler sees a preemption. The signal
+    cannot land anywhere else: the cell hangs, or its worker asks for 3 CPUs of 2 and never starts
+    (which must not leave that actor pending behind the driver)."""
     import threading
+
+    from ray._private.state import actors as actor_table  # the GCS's table; no dashboard needed
 
     import bench
     from orchestrator.config import load_grid
@@ -173,27 +177,38 @@ def test_sigterm_while_the_driver_waits_on_ray_exits_143(ray_local, tmp_path):
     from orchestrator.runner import Runner
     from orchestrator.store import RowStore
 
-    grid = load_grid(write_grid(tmp_path / "g.yaml", grid_text("wait", "- name: noop\n  params: {hang: true}\n",
-                                                              classes="[0]")))
+    method = ("- name: noop\n  params: {hang: true}\n" if stage == "cells run" else
+              "- name: noop\n  resources: {cpu: 3}\n")
+    grid = load_grid(write_grid(tmp_path / "g.yaml", grid_text("wait", method, classes="[0]")))
     store = RowStore(tmp_path / "results" / "wait")
     runner = Runner(expand(grid).cells, store, run_id="wait", progress=False, workers=1)
+    before = set(actor_table())
 
-    def terminate_once_cells_run():
-        deadline = time.time() + 120
-        while runner.summary.startup_s == 0.0 and time.time() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.0)  # the cell is dispatched and hangs; the driver polls ray.wait
+    def terminate():
+        if stage == "cells run":
+            deadline = time.time() + 120
+            while runner.summary.startup_s == 0.0 and time.time() < deadline:
+                time.sleep(0.1)
+        time.sleep(1.5)  # the cell hangs and the driver polls ray.wait, or it waits in ray.get
         os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=terminate_once_cells_run, daemon=True).start()
+    threading.Thread(target=terminate, daemon=True).start()
     previous = signal.getsignal(signal.SIGTERM)
     try:
         status = bench.run_stoppable(runner)
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert status == 143, status
-    assert runner.summary.startup_s > 0  # it stopped in the grid's loop, not while workers booted
-    assert store.statuses() == {}  # the hung cell has no row: a resume runs it
+    assert (runner.summary.startup_s > 0) == (stage == "cells run")  # where it stopped
+    assert "run the same command again to resume" in capsys.readouterr().out
+    assert store.statuses() == {}  # the cell has no row: a resume runs it
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        states = {info["State"] for aid, info in actor_table().items() if aid not in before}
+        if states == {"DEAD"}:
+            break
+        time.sleep(0.5)
+    assert states == {"DEAD"}, states  # its worker was killed, started or not
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
