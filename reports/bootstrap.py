@@ -255,13 +255,25 @@ class DistributionCache:
         self.stored: dict[str, dict[str, np.ndarray]] = {}
         self.used: dict[str, dict[str, np.ndarray]] = {}
         self.misses = 0
+        self.stored = self._read(self.path)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, dict[str, np.ndarray]]:
+        entries: dict[str, dict[str, np.ndarray]] = {}
         try:
-            with np.load(self.path, allow_pickle=False) as archive:
+            with np.load(path, allow_pickle=False) as archive:
                 for name in archive.files:
                     key, metric = name.split("/", 1)
-                    self.stored.setdefault(key, {})[metric] = archive[name]
+                    entries.setdefault(key, {})[metric] = archive[name]
         except Exception:  # absent, truncated, not an npz, a bad member: only time is lost
-            self.stored = {}  # every row is resampled and the file rewritten
+            return {}  # every row is resampled and the file rewritten
+        return entries
+
+    def include(self, path: str | Path) -> None:
+        """Also look up entries in another run's cache file (``--compare``'s run), never writing
+        it; those this build uses are saved in this cache's own file."""
+        for key, found in self._read(Path(path)).items():
+            self.stored.setdefault(key, found)
 
     @classmethod
     def key(cls, labels: np.ndarray, scores: np.ndarray, metrics, n_resamples: int, seed: int) -> str:
@@ -280,7 +292,7 @@ class DistributionCache:
         return found
 
     def put(self, key: str, distributions: dict[str, np.ndarray]) -> None:
-        self.used[key] = distributions
+        self.stored[key] = self.used[key] = distributions  # a later lookup in this build finds it
 
     def save(self) -> None:
         if self.misses == 0 and set(self.used) == set(self.stored):

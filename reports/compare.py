@@ -14,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from reports.bootstrap import (BOOTSTRAP_METRICS, N_RESAMPLES, percentile_interval, resample_metrics,
-                               resamples_for, row_seed, usable)
+from reports.bootstrap import (BOOTSTRAP_METRICS, N_RESAMPLES, DistributionCache, percentile_interval,
+                               resample_metrics, resamples_for, row_seed, usable)
 from reports.rows import as_array, present_metrics
+from reports.tables import row_distributions
 
 MIN_CHANGE = 0.001
 COMPARE_COLUMNS = ["cell_id", "variant", "board", "protocol", "column", "seed", "metric", "this", "other",
@@ -24,14 +25,23 @@ COMPARE_COLUMNS = ["cell_id", "variant", "board", "protocol", "column", "seed", 
 STATUS_COLUMNS = ["cell_id", "variant", "board", "column", "seed", "this_status", "other_status", "error"]
 
 
-def change_distribution(a: dict, b: dict, metrics: list[str], n_resamples: int) -> tuple[dict, bool]:
-    """Bootstrap distribution of (this - other) per metric; paired when the labels agree."""
+def change_distribution(a: dict, b: dict, metrics: list[str], n_resamples: int,
+                        this: dict | None, other: dict | None) -> tuple[dict, bool]:
+    """Bootstrap distribution of (this - other) per metric; paired when the labels agree.
+
+    ``this`` and ``other``: the rows' own distributions (``row_distributions``). A row's resamples
+    depend only on its labels, the resample count and its cell's seed, so for two rows of one cell
+    with the same labels these are already on the same resamples: their difference is the paired
+    one. Rows on different test sets are resampled independently instead (the other at seed + 1).
+    """
     la, sa = as_array(a.get("labels"), np.int8), as_array(a.get("image_scores"))
     lb, sb = as_array(b.get("labels"), np.int8), as_array(b.get("image_scores"))
     if not (metrics and usable(la, sa) and usable(lb, sb)):
         return {}, False
     seed = row_seed(a["cell_id"])
     if la.size == lb.size and np.array_equal(la, lb):
+        if all(m in (this or {}) and m in (other or {}) for m in metrics):
+            return {m: this[m] - other[m] for m in metrics}, True
         out = resample_metrics(la, [sa, sb], metrics, resamples_for(la.size, n_resamples), seed)
         return {m: v[:, 0] - v[:, 1] for m, v in out.items()}, True
     one = resample_metrics(la, [sa], metrics, resamples_for(la.size, n_resamples), seed)
@@ -41,9 +51,14 @@ def change_distribution(a: dict, b: dict, metrics: list[str], n_resamples: int) 
 
 
 def compare_runs(this: pd.DataFrame, other: pd.DataFrame, tolerance: float = 1.0,
-                 n_resamples: int = N_RESAMPLES, min_change: float = MIN_CHANGE) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(changes per shared ok cell and metric, cells whose status differs between the runs)."""
+                 n_resamples: int = N_RESAMPLES, min_change: float = MIN_CHANGE,
+                 cache: DistributionCache | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(changes per shared ok cell and metric, cells whose status differs between the runs); with
+    a ``cache``, rows resampled before (for either run's report) are not resampled again."""
     other_by_id = {r["cell_id"]: r for r in other.to_dict("records")}
+    ok_in_both = set(this.loc[this["status"] == "ok", "cell_id"]) & set(other.loc[other["status"] == "ok", "cell_id"])
+    this_dists = row_distributions(this[this["cell_id"].isin(ok_in_both)], n_resamples, cache)
+    other_dists = row_distributions(other[other["cell_id"].isin(ok_in_both)], n_resamples, cache)
     changes, statuses = [], []
     metrics_here = present_metrics(this)
     for a in this.to_dict("records"):
@@ -59,7 +74,8 @@ def compare_runs(this: pd.DataFrame, other: pd.DataFrame, tolerance: float = 1.0
         if a["status"] != "ok":
             continue
         shared = [m for m in metrics_here if pd.notna(a.get(m)) and pd.notna(b.get(m))]
-        dists, paired = change_distribution(a, b, [m for m in shared if m in BOOTSTRAP_METRICS], n_resamples)
+        dists, paired = change_distribution(a, b, [m for m in shared if m in BOOTSTRAP_METRICS], n_resamples,
+                                            this_dists.get(a["cell_id"]), other_dists.get(a["cell_id"]))
         for m in shared:
             change = float(a[m]) - float(b[m])
             low, high = percentile_interval(dists[m]) if m in dists else (np.nan, np.nan)

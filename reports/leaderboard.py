@@ -69,12 +69,15 @@ def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expect
     rows = annotate(read_rows(run_dir))
     expected = load_expected(expected_path)
     cache = DistributionCache(run_dir / BOOTSTRAP_CACHE)
+    if compare is not None:
+        cache.include(Path(compare) / BOOTSTRAP_CACHE)
     boards = leaderboards(rows, expected, tolerance, row_distributions(rows, n_resamples, cache))
     tables = {"leaderboard": boards, "reproduction": reproduction(boards, expected),
               "failures": failures(rows), "cost": cost_table(rows, boards)}
     if compare is not None:
         other = annotate(read_rows(compare))
-        tables["compare"], tables["compare_status"] = compare_runs(rows, other, tolerance, n_resamples, min_change)
+        tables["compare"], tables["compare_status"] = compare_runs(rows, other, tolerance, n_resamples, min_change,
+                                                                   cache)
     for name, table in tables.items():
         table.to_parquet(folder / f"{name}.parquet", index=False)
     figures = make_plots(rows, tables, tolerance, folder)

@@ -586,6 +586,34 @@ def test_compare_flags_the_shifted_method_only(tmp_path_factory):
     assert "## Comparison with base" in md and "Cells whose status differs" in md
 
 
+def test_compare_reuses_both_runs_bootstrap_caches(tmp_path_factory, monkeypatch):
+    """--compare's paired intervals are the difference of the two rows' own distributions (same
+    labels, same seed, so the same resamples): with both runs' reports built, nothing is resampled,
+    and the table equals one resampled in pairs from scratch."""
+    from reports import compare, tables
+    from reports.leaderboard import BOOTSTRAP_CACHE, build_report
+    from reports.rows import annotate, read_rows
+
+    base, new = compare_pair(tmp_path_factory)
+    build_report(base)
+    build_report(new)
+    scratch = compare.compare_runs(annotate(read_rows(new)), annotate(read_rows(base)))[0]
+    calls = []
+    for module in (tables, compare):
+        real = module.resample_metrics
+        monkeypatch.setattr(module, "resample_metrics", lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    report = build_report(new, compare=base)
+    assert calls == []
+    assert pd.read_parquet(report / "compare.parquet").equals(scratch)
+    # the other run's file is read, never written; its entries go to this run's cache
+    before = (base / BOOTSTRAP_CACHE).read_bytes()
+    (new / BOOTSTRAP_CACHE).unlink()
+    build_report(new, compare=base)
+    assert len(calls) == 4 and (base / BOOTSTRAP_CACHE).read_bytes() == before  # new's changed rows only
+    with np.load(new / BOOTSTRAP_CACHE) as archive:  # steady's 4 (one key for both runs), shifted's 4 + 4
+        assert len({name.split("/")[0] for name in archive.files}) == 12
+
+
 def test_report_of_an_empty_run(tmp_path):
     from reports.leaderboard import build_report
 
