@@ -252,10 +252,9 @@ class DistributionCache:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.stored: dict[str, dict[str, np.ndarray]] = {}
+        self.stored: dict[str, dict[str, np.ndarray]] = self._read(self.path)
         self.used: dict[str, dict[str, np.ndarray]] = {}
         self.misses = 0
-        self.stored = self._read(self.path)
 
     @staticmethod
     def _read(path: Path) -> dict[str, dict[str, np.ndarray]]:
