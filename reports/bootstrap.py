@@ -297,9 +297,13 @@ class DistributionCache:
         if self.misses == 0 and set(self.used) == set(self.stored):
             return  # nothing new, nothing dropped
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-        with open(partial, "wb") as f:
-            np.savez(f, **{f"{key}/{m}": v for key, d in self.used.items() for m, v in d.items()})
-        os.replace(partial, self.path)
+        try:
+            with open(partial, "wb") as f:
+                np.savez(f, **{f"{key}/{m}": v for key, d in self.used.items() for m, v in d.items()})
+            os.replace(partial, self.path)
+        except BaseException:  # a full disk, Ctrl-C, SIGTERM: the old file stays, no partial one
+            partial.unlink(missing_ok=True)
+            raise
 
 
 def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:

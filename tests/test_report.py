@@ -246,6 +246,25 @@ def test_a_rebuilt_report_resamples_only_rows_the_cache_does_not_hold(tmp_path, 
     assert len(calls) == 17  # and the rewritten file is whole again
 
 
+def test_a_cache_save_that_fails_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    from reports import bootstrap as b
+    from reports import tables
+    from reports.rows import annotate
+
+    frame = annotate(pd.DataFrame([make_row("padim", "mvtec", "one_class", "bottle", 0)]))
+    path = tmp_path / ".bootstrap-cache.npz"
+    tables.row_distributions(frame, 300, b.DistributionCache(path))
+    before = path.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C or SIGTERM while the file is written
+
+    monkeypatch.setattr(b.np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tables.row_distributions(frame, 200, b.DistributionCache(path))
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 # ---------------------------------------------------------------- matching paper numbers
 
 def test_class_keys_map_names_to_the_indices_the_reference_file_uses():
