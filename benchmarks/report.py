@@ -8,7 +8,7 @@ first (the baseline, measured in the same run):
 * resumed: the cache holds all rows but the ``--new`` newest, as after a resumed or extended run.
 
 It checks that the three reports' tables are identical. Default data: the committed Fashion-MNIST
-reproduction (114 rows of 10,000 test samples each).
+reproduction (120 rows of 10,000 test samples each).
 
     python benchmarks/report.py [--rows reports/reproductions/fmnist/rows] [--new 2]
 """
