@@ -241,13 +241,11 @@ class Runner:
         self.summary.workers = count
         try:
             self._wait_ready(slots, opts)
-        except KeyboardInterrupt:
+        except BaseException as e:  # Ctrl-C, SIGTERM, or workers that cannot start: none left pending
             self._kill(slots)
-            print(f"\ninterrupted while {count} worker(s) started: no cell ran; "
-                  "run the same command again to resume")
-            raise
-        except BaseException:
-            self._kill(slots)
+            if isinstance(e, KeyboardInterrupt):
+                print(f"\ninterrupted while {count} worker(s) started: no cell ran; "
+                      "run the same command again to resume")
             raise
         self.summary.startup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
