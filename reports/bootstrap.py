@@ -254,6 +254,7 @@ class DistributionCache:
         self.path = Path(path)
         self.stored: dict[str, dict[str, np.ndarray]] = self._read(self.path)
         self.used: dict[str, dict[str, np.ndarray]] = {}
+        self.saved = set(self.stored)  # the keys this cache's own file holds
         self.misses = 0
 
     @staticmethod
@@ -294,13 +295,14 @@ class DistributionCache:
         self.stored[key] = self.used[key] = distributions  # a later lookup in this build finds it
 
     def save(self) -> None:
-        if self.misses == 0 and set(self.used) == set(self.stored):
-            return  # nothing new, nothing dropped
+        if self.misses == 0 and set(self.used) == self.saved:
+            return  # nothing new, nothing dropped (entries only included from another file are not kept)
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         try:
             with open(partial, "wb") as f:
                 np.savez(f, **{f"{key}/{m}": v for key, d in self.used.items() for m, v in d.items()})
             os.replace(partial, self.path)
+            self.saved, self.misses = set(self.used), 0
         except BaseException:  # a full disk, Ctrl-C, SIGTERM: the old file stays, no partial one
             partial.unlink(missing_ok=True)
             raise

@@ -78,6 +78,7 @@ def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expect
         other = annotate(read_rows(compare))
         tables["compare"], tables["compare_status"] = compare_runs(rows, other, tolerance, n_resamples, min_change,
                                                                    cache)
+    cache.save()
     for name, table in tables.items():
         table.to_parquet(folder / f"{name}.parquet", index=False)
     figures = make_plots(rows, tables, tolerance, folder)

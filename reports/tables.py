@@ -38,7 +38,8 @@ NO_REFERENCE = {"expected": np.nan, "setting": None, "source": None}
 def row_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES,
                       cache: DistributionCache | None = None) -> dict[str, dict[str, np.ndarray]]:
     """``{cell_id: {metric: bootstrap values}}`` for every ok row with usable labels and scores;
-    with a ``cache``, rows resampled by an earlier build are read from it (and new ones added)."""
+    with a ``cache``, rows resampled by an earlier build are read from it (and new ones added; the
+    caller saves it once its build has looked up every row)."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for r in ok_rows(rows).to_dict("records"):
         metrics = [m for m in BOOTSTRAP_METRICS if _finite(r.get(m))]
@@ -54,8 +55,6 @@ def row_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES,
             if cache is not None:
                 cache.put(key, found)
         out[r["cell_id"]] = found
-    if cache is not None:
-        cache.save()
     return out
 
 

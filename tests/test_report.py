@@ -209,6 +209,15 @@ def test_bootstrap_is_seeded_stratified_and_covers_the_estimate():
     assert b.row_seed("abc") == b.row_seed("abc") != b.row_seed("abd")
 
 
+def cached(rows, n_resamples, cache):
+    """row_distributions with a cache, saved as a report build saves it."""
+    from reports import tables
+
+    out = tables.row_distributions(rows, n_resamples, cache)
+    cache.save()
+    return out
+
+
 def test_a_rebuilt_report_resamples_only_rows_the_cache_does_not_hold(tmp_path, monkeypatch):
     """The cache gives exactly what resampling gives; a new or changed row is resampled, a row that
     left the run is dropped from the file, and a corrupt file is a cold cache, not an error."""
@@ -223,9 +232,9 @@ def test_a_rebuilt_report_resamples_only_rows_the_cache_does_not_hold(tmp_path, 
     frame = annotate(pd.DataFrame(rows))
     path = tmp_path / ".bootstrap-cache.npz"
     cold = tables.row_distributions(frame, 300)
-    first = tables.row_distributions(frame, 300, b.DistributionCache(path))
+    first = cached(frame, 300, b.DistributionCache(path))
     assert len(calls) == 8 and path.is_file()
-    warm = tables.row_distributions(frame, 300, b.DistributionCache(path))
+    warm = cached(frame, 300, b.DistributionCache(path))
     assert len(calls) == 8  # nothing resampled
     for cell_id, dists in cold.items():
         assert set(dists) == set(warm[cell_id]) == {"image_auroc"}
@@ -233,27 +242,26 @@ def test_a_rebuilt_report_resamples_only_rows_the_cache_does_not_hold(tmp_path, 
         assert np.array_equal(first[cell_id]["image_auroc"], warm[cell_id]["image_auroc"])
     changed = [dict(r) for r in rows[:3]]
     changed[0]["image_scores"] = list(np.asarray(changed[0]["image_scores"]) * 2.0 + 1.0)  # ranks kept
-    tables.row_distributions(annotate(pd.DataFrame(changed)), 300, b.DistributionCache(path))
+    cached(annotate(pd.DataFrame(changed)), 300, b.DistributionCache(path))
     assert len(calls) == 9  # only the changed row
     with np.load(path) as archive:
         assert len(archive.files) == 3  # the build's 3 rows; the fourth is gone
-    fewer = tables.row_distributions(frame, 200, b.DistributionCache(path))
+    fewer = cached(frame, 200, b.DistributionCache(path))
     assert len(calls) == 13 and {v["image_auroc"].size for v in fewer.values()} == {200}  # another entry
     path.write_bytes(path.read_bytes()[:100])  # truncated
-    again = tables.row_distributions(frame, 300, b.DistributionCache(path))
+    again = cached(frame, 300, b.DistributionCache(path))
     assert len(calls) == 17 and all(np.array_equal(again[k]["image_auroc"], v["image_auroc"]) for k, v in cold.items())
-    tables.row_distributions(frame, 300, b.DistributionCache(path))
+    cached(frame, 300, b.DistributionCache(path))
     assert len(calls) == 17  # and the rewritten file is whole again
 
 
 def test_a_cache_save_that_fails_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
     from reports import bootstrap as b
-    from reports import tables
     from reports.rows import annotate
 
     frame = annotate(pd.DataFrame([make_row("padim", "mvtec", "one_class", "bottle", 0)]))
     path = tmp_path / ".bootstrap-cache.npz"
-    tables.row_distributions(frame, 300, b.DistributionCache(path))
+    cached(frame, 300, b.DistributionCache(path))
     before = path.read_bytes()
 
     def interrupted(*args, **kwargs):
@@ -261,7 +269,7 @@ def test_a_cache_save_that_fails_leaves_the_old_file_and_no_partial_one(tmp_path
 
     monkeypatch.setattr(b.np, "savez", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        tables.row_distributions(frame, 200, b.DistributionCache(path))
+        cached(frame, 200, b.DistributionCache(path))
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
@@ -624,6 +632,9 @@ def test_compare_reuses_both_runs_bootstrap_caches(tmp_path_factory, monkeypatch
     report = build_report(new, compare=base)
     assert calls == []
     assert pd.read_parquet(report / "compare.parquet").equals(scratch)
+    written = (new / BOOTSTRAP_CACHE).stat().st_mtime_ns
+    build_report(new, compare=base)
+    assert (new / BOOTSTRAP_CACHE).stat().st_mtime_ns == written  # nothing new: the file is not rewritten
     # the other run's file is read, never written; its entries go to this run's cache
     before = (base / BOOTSTRAP_CACHE).read_bytes()
     (new / BOOTSTRAP_CACHE).unlink()
