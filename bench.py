@@ -207,6 +207,8 @@ def cmd_list() -> int:
     print("methods:")
     for name, cls in sorted(METHODS.items()):
         print(f"  {name}  protocols: {', '.join(sorted(cls.protocols))}" + (f"  [{cls.paper}]" if cls.paper else ""))
+        if cls.reference:
+            print(f"    reference code: {cls.reference}")
         print(fields(cls.Params))
     print("datasets:")
     for name, cls in sorted(DATASETS.items()):

@@ -147,6 +147,9 @@ class Method:
     Params: ClassVar[type[MethodParams]] = MethodParams
     protocols: ClassVar[set[str]] = {"one_class"}
     paper: ClassVar[str] = ""
+    # The code whose behaviour the defaults follow: "owner/repo@commit: file, file" (what
+    # ``bench.py list`` prints); empty where the method follows the paper alone.
+    reference: ClassVar[str] = ""
     # The input transform (data.transforms.Transform) a method applies, set in __init__ by methods
     # with pixel maps: the orchestrator maps ground-truth masks through the same resize and
     # centre crop, so masks and maps are aligned.
