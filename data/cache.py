@@ -6,6 +6,13 @@ one is deleted). An entry is built in a temporary folder and renamed into place,
 workers never see half an entry; the loser of a race discards its copy. Arrays come back read-only
 (``np.load(mmap_mode="r")``): an N×H×W×C array when every image has one size, else a list of
 H×W×C views. Images whose files are all grey get C = 1; a mix of grey and colour gets C = 3.
+
+High-bit-depth grey images are scaled to 8 bits by their type's full range (Pillow's ``convert``
+would clip them at 255): unsigned 16-bit (Pillow modes ``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, or
+``I`` read from raw ``I;16*`` data) keep their high byte (``v >> 8``, as Pillow itself decodes 16-bit
+RGB PNGs); 32-bit float (``F``) must lie in [0, 1] and becomes ``round(255 v)``. Signed or 32-bit
+integer images and float images outside [0, 1] (or with NaN) are refused with a ``DataError``
+naming the file. Masks of these modes mark every non-zero pixel.
 """
 from __future__ import annotations
 
@@ -24,9 +31,11 @@ from PIL import Image
 
 from data.base import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: high-bit-depth images scaled, not clipped
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+UINT16_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+HIGH_BIT_MODES = UINT16_MODES | {"I", "F"}
+GREY_MODES = frozenset({"1", "L", "LA"}) | HIGH_BIT_MODES
 
 
 def cache_root() -> Path:
@@ -133,13 +142,52 @@ def _header(path: Path, what: str) -> tuple[int, int, str]:
         return height, width, img.mode
 
 
+def _raw_mode(img: Image.Image) -> str | None:
+    """The raw mode of the file's pixel data (e.g. 'I;16B', 'I;32S'), read before ``load()``."""
+    if not img.tile:
+        return None
+    args = img.tile[0][3]
+    return args if isinstance(args, str) else (args[0] if args else None)
+
+
+def _high_bit_grey(img: Image.Image, raw_mode: str | None, path: Path, what: str) -> np.ndarray:
+    """A high-bit-depth grey image (mode in HIGH_BIT_MODES) as H×W uint8, scaled by its type's range."""
+    values = np.asarray(img)
+    if img.mode in UINT16_MODES or (img.mode == "I" and raw_mode in UINT16_MODES):
+        return (values.astype(np.uint32) >> 8).astype(np.uint8)
+    if img.mode == "F":
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not (0.0 <= lo and hi <= 1.0):  # NaN fails both comparisons
+            raise DataError(f"cannot decode {what} {path}: 32-bit float image with values in [{lo:g}, {hi:g}]; "
+                            "float images must hold values in [0, 1] (save it as 8- or 16-bit instead)")
+        return np.rint(values.astype(np.float64) * 255.0).astype(np.uint8)
+    raise DataError(f"cannot decode {what} {path}: {raw_mode or img.mode} integer images (signed or 32-bit) "
+                    "are not supported; save it as an 8- or 16-bit unsigned PNG or TIFF")
+
+
 def _pixels(path: Path, mode: str, what: str) -> np.ndarray:
+    """H×W (mode 'L') or H×W×3 (mode 'RGB') uint8 pixels of an image file."""
     with _open(path, what) as img:
+        raw_mode = _raw_mode(img)
         try:
             img.load()
-            return np.asarray(img.convert(mode))
+            if img.mode not in HIGH_BIT_MODES:
+                return np.asarray(img.convert(mode))
         except Exception as exc:  # decoders raise OSError, zlib.error, SyntaxError...
             raise DataError(f"cannot decode {what} {path}: {exc}") from None
+        grey = _high_bit_grey(img, raw_mode, path, what)
+        return grey if mode == "L" else np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _mask_pixels(path: Path) -> np.ndarray:
+    """H×W {0,1} uint8: 1 where the mask file is non-zero (any bit depth)."""
+    with _open(path, "mask") as img:
+        try:
+            img.load()
+            values = np.asarray(img) if img.mode in HIGH_BIT_MODES else np.asarray(img.convert("L"))
+        except Exception as exc:
+            raise DataError(f"cannot decode mask {path}: {exc}") from None
+        return (values != 0).astype(np.uint8)
 
 
 class _Slots:
@@ -192,7 +240,7 @@ def _build_entry(final: Path, image_paths: list[Path], mask_paths: list[Path | N
         def decode_one(i: int) -> None:
             images[i] = _pixels(image_paths[i], pil_mode, "image").reshape(images.shapes[i])
             if masks is not None and mask_paths[i] is not None:
-                masks[i] = (_pixels(mask_paths[i], "L", "mask") > 0).astype(np.uint8)
+                masks[i] = _mask_pixels(mask_paths[i])
 
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             list(pool.map(decode_one, range(len(image_paths))))  # re-raises the first error

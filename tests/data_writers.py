@@ -183,3 +183,32 @@ def write_tiny_imagenet(root: Path, wnids=TIN_WNIDS, train_per_class: int = 2, v
         val.append((f"val_{k}.JPEG", wnid, level))
     (base / "val" / "val_annotations.txt").write_text("".join(f"{n}\t{w}\t0\t0\t63\t63\n" for n, w, _ in val))
     return {"train": train, "val": val}
+
+
+def save_png16(path: Path, pixels: np.ndarray) -> Path:
+    """A 16-bit PNG written byte by byte (Pillow writes grey I;16 PNGs but not 48-bit RGB ones):
+    H×W uint16 -> greyscale (colour type 0), H×W×3 -> RGB (colour type 2), big-endian samples."""
+    import struct
+    import zlib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.asarray(pixels, dtype=np.uint16)
+    height, width = pixels.shape[:2]
+    colour_type = 2 if pixels.ndim == 3 else 0
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+def save_high_bit(path: Path, pixels: np.ndarray) -> Path:
+    """Grey pixels through Pillow in their own type: uint16 -> I;16 (PNG or TIFF), big-endian
+    uint16 -> I;16B TIFF, float32 -> F TIFF, int32 -> I TIFF."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(pixels)).save(path)
+    return path

@@ -9,7 +9,7 @@ import pytest
 
 from data import DataError, create_dataset
 from data import cache
-from data_writers import save_png, write_fcdd, write_mvtec_category
+from data_writers import save_high_bit, save_png, save_png16, write_fcdd, write_mvtec_category
 
 
 @pytest.fixture
@@ -176,3 +176,103 @@ def test_fcdd_errors(cache_dir, tmp_path):
     (root / "train" / "empty").mkdir()
     with pytest.raises(DataError, match=r"no images in .*train/empty"):
         create_dataset("folder", {"root": str(root)}).load("train", ["empty"])
+
+
+# ---------------------------------------------------------------------------------------------
+# high bit depth: scaled by the type's range, never clipped; unsupported types refused
+
+def _encode(level8: np.ndarray, fmt: str) -> tuple[np.ndarray, str]:
+    """8-bit levels as a high-bit-depth file's values (and suffix) that must decode back to them:
+    16-bit values carry a low byte that the decoder must drop, floats are level / 255."""
+    if fmt == "float_tif":
+        return (level8 / 255.0).astype(np.float32), ".tif"
+    values = level8.astype(np.uint16) * 256 + 0xA7
+    if fmt == "uint16_be_tif":
+        return values.astype(">u2"), ".tif"
+    return values, ".png" if fmt == "uint16_png" else ".tif"
+
+
+@pytest.mark.parametrize("fmt", ["uint16_png", "uint16_tif", "uint16_be_tif", "float_tif"])
+def test_high_bit_depth_grey_images_and_masks_are_scaled(cache_dir, tmp_path, fmt):
+    from PIL import Image
+
+    root = tmp_path / "deep"
+    levels = {f"train/parts/t{i}": np.add.outer(np.arange(6), np.arange(5)).astype(np.uint8) * 9 + 40 * i
+              for i in range(3)}
+    levels["test/parts/normal/n0"] = np.full((6, 5), 200, np.uint8)
+    levels["test/parts/anomalous/a0"] = np.full((6, 5), 3, np.uint8)
+    for name, level in levels.items():
+        values, suffix = _encode(level, fmt)
+        save_high_bit(root / f"{name}{suffix}", values)
+    mask = np.zeros((6, 5), np.float32 if fmt == "float_tif" else np.uint16)
+    mask[1:3, 2:4] = 0.25 if fmt == "float_tif" else 1  # both decode to 0 through convert("L")
+    save_high_bit(root / "ground_truth" / "parts" / f"a0_mask{suffix}", mask)
+    expected_mode = {"uint16_png": "I;16", "uint16_tif": "I;16", "uint16_be_tif": "I;16B", "float_tif": "F"}[fmt]
+    assert Image.open(root / f"train/parts/t0{suffix}").mode == expected_mode
+
+    ds = create_dataset("folder", {"root": str(root)})
+    train = ds.load("train", ["parts"])
+    assert train.images.shape == (3, 6, 5, 1)
+    for i in range(3):
+        np.testing.assert_array_equal(train.images[i, ..., 0], levels[f"train/parts/t{i}"])
+    test = ds.load("test", ["parts"])
+    assert test.images[:, 0, 0, 0].tolist() == [200, 3]
+    np.testing.assert_array_equal(test.masks[1], (mask != 0).astype(np.uint8))
+    assert test.masks[0].sum() == 0
+
+
+def test_high_bit_depth_grey_among_colour_and_48_bit_rgb(cache_dir, tmp_path):
+    train = tmp_path / "mix" / "train" / "parts"
+    save_png(train / "a8.png", np.full((4, 4, 3), 17, np.uint8))
+    save_high_bit(train / "b16.png", np.full((4, 4), 0x9A01, np.uint16))  # grey 16-bit among colour
+    rgb48 = np.empty((4, 4, 3), np.uint16)
+    rgb48[...] = [0x12FF, 0xFF00, 0x0080]
+    save_png16(train / "c48.png", rgb48)
+    decoded = cache.decode_files(sorted(train.iterdir()))
+    assert decoded.images.shape == (3, 4, 4, 3)
+    assert decoded.images[0, 0, 0].tolist() == [17, 17, 17]
+    assert decoded.images[1, 0, 0].tolist() == [0x9A] * 3
+    assert decoded.images[2, 0, 0].tolist() == [0x12, 0xFF, 0x00]  # Pillow's own 16 -> 8 (high byte)
+
+
+@pytest.mark.parametrize("values,message", [
+    (np.linspace(0, 1000, 30, dtype=np.float32).reshape(6, 5), r"values in \[0, 1000\]"),
+    (np.full((6, 5), np.nan, np.float32), r"values in \[nan, nan\]"),
+    (np.full((6, 5), 70000, np.int32), r"I;32S integer images .* not supported"),
+])
+def test_unsupported_high_bit_depth_images_are_refused(cache_dir, tmp_path, values, message):
+    root = tmp_path / "bad"
+    write_fcdd(root, "parts", sizes=[(6, 5)], masks=False)
+    save_high_bit(root / "train" / "parts" / "deep.tif", values)
+    with pytest.raises(DataError, match=r"cannot decode image .*train/parts/deep\.tif: .*" + message):
+        create_dataset("folder", {"root": str(root)}).load("train", ["parts"])
+
+
+def test_cell_on_16_bit_images_detects_the_defects(cache_dir, tmp_path):
+    """A real cell on 16-bit PNGs: clipped to 255 every image was one flat grey and AUROC 0.5."""
+    from orchestrator.cell import run_cell
+    from orchestrator.grid import Cell
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32]
+
+    def texture(defect: bool) -> np.ndarray:
+        a, b = rng.uniform(0, 2 * np.pi, 2)
+        level = 30000 + 8000 * np.sin(xx / 3 + a) * np.cos(yy / 4 + b) + rng.normal(0, 300, (32, 32))
+        if defect:
+            y, x = rng.integers(4, 20, 2)
+            level[y:y + 8, x:x + 8] = 65000
+        return level.clip(0, 65535).astype(np.uint16)
+
+    root = tmp_path / "deep"
+    for i in range(12):
+        save_high_bit(root / "train" / "parts" / f"t{i}.png", texture(False))
+    for i in range(8):
+        save_high_bit(root / "test" / "parts" / "normal" / f"n{i}.png", texture(False))
+        save_high_bit(root / "test" / "parts" / "anomalous" / f"a{i}.png", texture(True))
+    cell = Cell(method="patchcore", params=dict(backbone="resnet18", pretrained=False, image_size=32, crop=None),
+                dataset="folder", dataset_params={"root": str(root)}, protocol="one_class",
+                normal_class="parts", seed=0)
+    (row,) = run_cell(cell)
+    assert row["status"] == "ok", row.get("error")
+    assert row["image_auroc"] >= 0.9
