@@ -533,8 +533,11 @@ def load_vgg11_bn_state(weights: str | None) -> tuple[dict, str]:
             url = "https://download.pytorch.org/models/vgg11_bn-6002323d.pth"
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
         if not os.path.exists(path):
-            try:
-                torch.hub.load_state_dict_from_url(url, progress=False)
+            try:  # download only, its SHA-256 prefix (in the file name) checked; read below, weights only
+                digest = torch.hub.HASH_REGEX.search(os.path.basename(url))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.hub.download_url_to_file(url, path, hash_prefix=digest.group(1) if digest else None,
+                                               progress=False)
             except Exception as exc:
                 raise FileNotFoundError(
                     f"pretrained vgg11_bn weights not found and cannot be downloaded ({exc}); place "

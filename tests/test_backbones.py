@@ -293,3 +293,39 @@ def test_pretrained_served_from_local_caches_without_network(empty_caches, monke
     assert ctx.weights_sha256 == ref.sha256
     bb = B.get_backbone("resnet18", pretrained=True)
     assert torch.equal(bb.model.conv1.weight, state["conv1.weight"])
+
+
+class _RunsShell:
+    """A pickle payload: unpickling it runs ``touch <marker>``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@pytest.mark.parametrize("loader", ["backbone weights", "classifier checkpoint", "vgg11_bn weights",
+                                    "vgg11_bn download"])
+def test_weight_files_are_read_without_running_code(empty_caches, monkeypatch, loader):
+    """Every torch file a grid can name (or a download can leave) goes through torch.load(weights_only=True)."""
+    import methods._classifier as C
+    import methods._nets as N
+
+    marker = empty_caches / "marker"
+    crafted = empty_caches / "crafted.pth"
+    torch.save({"state_dict": _RunsShell(marker)}, crafted)
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):  # a tampered cache or mirror
+        torch.save({"features.0.weight": _RunsShell(marker)}, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    read = {"backbone weights": lambda: B._read_state_dict(str(crafted)),
+            "classifier checkpoint": lambda: C.read_state_dict(crafted),
+            "vgg11_bn weights": lambda: N.load_vgg11_bn_state(str(crafted)),
+            "vgg11_bn download": lambda: N.load_vgg11_bn_state(None)}[loader]
+    with pytest.raises(Exception, match="Weights only load failed"):
+        read()
+    assert not marker.exists()

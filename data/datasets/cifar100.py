@@ -1,19 +1,18 @@
-"""CIFAR-100 through torchvision's reader (``<root>/cifar-100-python/{train,test,meta}``).
+"""CIFAR-100 from the python files in ``<root>/cifar-100-python/{train,test,meta}`` (torchvision's
+layout and download: ``torchvision.datasets.CIFAR100``), read without running code as CIFAR-10 is
+(``data.datasets.cifar10.read_batch``).
 
 ``coarse: true`` uses the 20 superclasses (the usual one-class AD setting) instead of the 100
 fine classes.
 """
 from __future__ import annotations
 
-import os
-import pickle
-
 import numpy as np
 from torchvision.datasets import CIFAR100 as TorchCIFAR100
 
 from data.base import DatasetParams, register_dataset
 from data.datasets._arrays import ArrayDataset, via_torchvision
-from data.datasets.cifar10 import CIFAR_URL, files_only
+from data.datasets.cifar10 import CIFAR_URL, read_cifar
 
 FINE_CLASSES = (
     "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
@@ -36,8 +35,6 @@ COARSE_CLASSES = (
     "vehicles_1", "vehicles_2",
 )
 
-CIFAR100Reader = files_only(TorchCIFAR100)
-
 
 class CIFAR100Params(DatasetParams):
     root: str = "~/data/cifar100"
@@ -56,14 +53,10 @@ class CIFAR100(ArrayDataset):
 
     def read(self, side: str) -> tuple[np.ndarray, np.ndarray]:
         root = self.root()
-        folder = root / CIFAR100Reader.base_folder
-        reader = via_torchvision(
-            self.name, lambda: CIFAR100Reader(str(root), train=side == "train", download=self.params.download),
+        folder = root / TorchCIFAR100.base_folder
+        images, fine, coarse = via_torchvision(
+            self.name, lambda: read_cifar(TorchCIFAR100, root, side == "train", self.params.download,
+                                          ("fine_labels", "coarse_labels")),
             f"CIFAR-100 python files in {folder} (train, test, meta; cifar-100-python.tar.gz from "
             f"{CIFAR_URL} extracted into {root})", self.params.download)
-        if not self.params.coarse:
-            return reader.data, np.asarray(reader.targets)
-        (file_name, _), = reader.train_list if side == "train" else reader.test_list
-        with open(os.path.join(folder, file_name), "rb") as f:
-            coarse = pickle.load(f, encoding="latin1")["coarse_labels"]
-        return reader.data, np.asarray(coarse)
+        return images, coarse if self.params.coarse else fine
