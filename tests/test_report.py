@@ -913,3 +913,20 @@ def test_report_shows_group_columns_table_and_reproduction_rows(tmp_path_factory
     groups = md.split("OpenOOD groups (per method")[1].split("\n\n")[1].splitlines()
     near_line = next(line for line in groups if "| near-ood |" in line)
     assert "| 2/2 |" in near_line and "reproduced" in near_line
+
+
+def test_the_fashion_mnist_record_keeps_its_verdicts():
+    """The stored reproduction (reports/reproductions/fmnist): fcdd_ae reproduces the FCDD paper's AE
+    baseline (81.7 vs 82.0); dsvdd / dcae have no number at their settings."""
+    from reports.expected import load_expected
+    from reports.rows import annotate, read_rows
+    from reports.tables import leaderboards, reproduction
+
+    rows = annotate(read_rows(Path(__file__).parents[1] / "reports" / "reproductions" / "fmnist"))
+    expected = load_expected()
+    boards = leaderboards(rows, expected, 1.0, {})
+    repro = reproduction(boards, expected).set_index("variant")
+    assert repro.loc["fcdd_ae", "status"] == "reproduced" and repro.loc["fcdd_ae", "expected"] == 0.82
+    assert round(100 * repro.loc["fcdd_ae", "measured"], 1) == 81.7
+    means = boards[boards["is_mean"] & (boards["metric"] == "image_auroc")].set_index("variant")
+    assert (means.drop(index="fcdd_ae")["status"] == "no reference").all()
