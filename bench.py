@@ -225,6 +225,8 @@ def cmd_report(argv: list[str]) -> int:
     p.add_argument("run_dir")
     p.add_argument("--compare", help="another run folder to compare against")
     p.add_argument("--tolerance", type=float, default=1.0, help="AUROC points counted as reproduced")
+    p.add_argument("--expected", action="append", default=[], metavar="CSV",
+                   help="your own reference numbers (reports/expected.csv's columns), added to its numbers")
     args = p.parse_args(argv)
     module = _report_module()
     if module is None:
@@ -234,7 +236,13 @@ def cmd_report(argv: list[str]) -> int:
         if not (Path(folder) / "rows").is_dir():
             print(f"error: {folder} has no rows/ folder (expected RESULTS/RUN)", file=sys.stderr)
             return EXIT_BAD_INPUT
-    out = module.build_report(Path(args.run_dir), compare=args.compare, tolerance=args.tolerance)
+    from reports.expected import ExpectedFileError
+    try:
+        out = module.build_report(Path(args.run_dir), compare=args.compare, tolerance=args.tolerance,
+                                  extra_expected=tuple(args.expected))
+    except ExpectedFileError as e:
+        print(f"error: --expected: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"report: {out}")
     return 0
 

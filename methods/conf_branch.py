@@ -78,6 +78,8 @@ class ConfBranch(Method):
     Params = ConfBranchParams
     protocols = {"ood", "osr"}
     paper = "DeVries & Taylor, Learning Confidence for Out-of-Distribution Detection in Neural Networks, 2018"
+    reference = ("Jingkang50/OpenOOD@3c35632ee91b54b09d1f085d04f94744cece7d0b: "
+                 "openood/trainers/conf_branch_trainer.py, openood/postprocessors/conf_branch_postprocessor.py")
 
     def __init__(self, params: ConfBranchParams, ctx: RunContext):
         super().__init__(params, ctx)

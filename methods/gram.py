@@ -137,6 +137,8 @@ class Gram(PostHocMethod):
 
     Params = GramParams
     paper = "Sastry & Oore, Detecting Out-of-Distribution Examples with Gram Matrices, ICML 2020"
+    reference = ("Jingkang50/OpenOOD@3c35632ee91b54b09d1f085d04f94744cece7d0b: "
+                 "openood/postprocessors/gram_postprocessor.py, configs/postprocessors/gram.yml")
 
     def __init__(self, params: GramParams, ctx: RunContext):
         super().__init__(params, ctx)

@@ -149,6 +149,8 @@ class MOS(Method):
     Params = MOSParams
     protocols = {"ood", "osr"}
     paper = "Huang & Li, MOS: Towards Scaling Out-of-distribution Detection for Large Semantic Space, CVPR 2021"
+    reference = ("Jingkang50/OpenOOD@3c35632ee91b54b09d1f085d04f94744cece7d0b: "
+                 "openood/trainers/mos_trainer.py, openood/postprocessors/mos_postprocessor.py")
 
     def __init__(self, params: MOSParams, ctx: RunContext):
         super().__init__(params, ctx)

@@ -29,6 +29,8 @@ class MSP(PostHocMethod):
 
     Params = MSPParams
     paper = "Hendrycks & Gimpel, A Baseline for Detecting Misclassified and OOD Examples, ICLR 2017"
+    reference = ("Jingkang50/OpenOOD@3c35632ee91b54b09d1f085d04f94744cece7d0b: "
+                 "openood/postprocessors/base_postprocessor.py, openood/trainers/base_trainer.py, openood/networks/resnet18_32x32.py")
 
     def score(self, test: Split) -> Scores:
         logits = self.logits(test)

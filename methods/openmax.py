@@ -104,6 +104,8 @@ class OpenMax(PostHocMethod):
 
     Params = OpenMaxParams
     paper = "Bendale & Boult, Towards Open Set Deep Networks, CVPR 2016"
+    reference = ("Jingkang50/OpenOOD@3c35632ee91b54b09d1f085d04f94744cece7d0b: "
+                 "openood/postprocessors/openmax_postprocessor.py, configs/postprocessors/openmax.yml")
 
     def __init__(self, params: OpenMaxParams, ctx: RunContext):
         super().__init__(params, ctx)

@@ -155,6 +155,8 @@ class PaDiM(MahalanobisMapMethod):
     Params = PaDiMParams
     protocols = {"one_class", "unified"}
     paper = "Defard et al., PaDiM: a Patch Distribution Modeling Framework, ICPR 2020"
+    reference = ("xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-master@616004b9b7fa6a507d196dd3eeeba9e0a93f160f: "
+                 "main.py, datasets/mvtec.py (a re-implementation; the paper has no official code)")
 
     def __init__(self, params: PaDiMParams, ctx):
         super().__init__(params, ctx)

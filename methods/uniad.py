@@ -150,6 +150,8 @@ class UniAD(Method):
     Params = UniADParams
     protocols = {"one_class", "unified"}
     paper = "You et al., A Unified Model for Multi-class Anomaly Detection, NeurIPS 2022"
+    reference = ("zhiyuanyou/UniAD@a5b9d9d20c2aae680fa00fe5088616b611e05f3c: "
+                 "models/reconstructions/uniad.py, models/necks/mfcn.py, experiments/MVTec-AD/config.yaml, utils/eval_helper.py")
 
     def __init__(self, params: UniADParams, ctx):
         super().__init__(params, ctx)

@@ -111,6 +111,8 @@ class VOS(Method):
     Params = VOSParams
     protocols = {"ood", "osr"}
     paper = "Du, Wang, Cai & Li, VOS: Learning What You Don't Know by Virtual Outlier Synthesis, ICLR 2022"
+    reference = ("Jingkang50/OpenOOD@3c35632ee91b54b09d1f085d04f94744cece7d0b: "
+                 "openood/trainers/vos_trainer.py, openood/postprocessors/ebo_postprocessor.py")
 
     def __init__(self, params: VOSParams, ctx: RunContext):
         super().__init__(params, ctx)

@@ -91,7 +91,7 @@ th, td { border: 1px solid #ccc; padding: 3px 7px; vertical-align: top; }
 th { background: #f0f0f0; position: sticky; top: 0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td small { display: block; color: #666; font-size: 11px; }
-.reproduced { background: #e3f5e1; } .below { background: #fde2e0; } .above { background: #e1ecfb; }
+.reproduced { background: #e3f5e1; } .below { background: #fde2e0; } .above { background: #e1ecfb; } .setting-differs { background: #eeeeee; }
 .failed, .timeout { background: #fff0c2; } .leader { font-weight: bold; } .flagged { background: #fde2e0; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 12px; color: #555; } pre { background: #f6f6f6; padding: 0.7em; overflow-x: auto; }

@@ -1,8 +1,17 @@
 """Paper numbers (``reports/expected.csv``) and how a measured cell finds its own.
 
+Each number states, in columns, what decides whether a run is comparable with it (``SETTING_COLUMNS``):
+where it comes from (``source_kind``: paper | official_code | reproduction), the backbone and its
+weights, image size and crop, the image-score rule, the anomaly source and outlier-exposure set,
+epochs, checkpoint rule (last | best), FPR convention, OOD image lists (filtered | full), seeds, the
+OpenOOD group it averages (``ood_group``) and any other hyper-parameters as ``key=value; ...``
+(``params``, named as the method's resolved parameters). An empty cell: the source does not say.
+``setting`` and ``source`` stay free text, for people.
+
 Matching rule (also in the README, "Reading results"):
 
-1. Same ``method``, ``dataset``, ``protocol`` and ``metric``.
+1. Same ``method``, ``dataset``, ``protocol`` and ``metric`` (a number whose ``fpr_convention`` is
+   ``ood_positive`` is OpenOOD's FPR95, compared with ``fpr95_openood``; ``id_positive`` with ``fpr95``).
 2. Same class, compared as a canonical key: class names of datasets whose references use indices
    (CIFAR-10, Fashion-MNIST, MNIST, SVHN, digits) become their index, so ``cat``, ``3`` match;
    a class set is split on ``+`` (rows) or ``-`` between indices (the file: ``0-1-2-3-4``) and
@@ -10,21 +19,17 @@ Matching rule (also in the README, "Reading results"):
    ``ood`` protocol ``all`` (every in-distribution class), since its columns are OOD sets.
 3. A mean is compared only when the run covers every class the reference averages over (all 15
    MVTec categories, all 10 CIFAR-10 classes...); otherwise it has no reference.
-4. OOD references whose setting starts with ``near-ood`` / ``far-ood`` (OpenOOD's groups) are kept
-   for the mean only when every OOD set the method was measured on belongs to that group. Ood
-   boards of a dataset with OpenOOD groups (``OOD_GROUPS``) also average each group's measured sets;
-   a group's mean takes that group's references only, and only when the run measures every set
-   of the group (``group_complete``).
-5. Several references left (different settings): each setting scores +1 for every resolved
-   hyper-parameter of the row it names (backbone, layers, coreset %, image size in px, k=, d=,
-   epochs, pretrained...), -1 for every value it states differently (another %, px, k=, backbone),
-   -0.5 when it is a reproduction rather than the paper's number; the highest score wins, equal
-   scores go to the first in the file. The chosen setting is shown beside the number.
-6. A run that trains on anomalies of a named kind (FCDD's ``anomaly_source``: confetti noise,
-   outlier exposure, true anomalies, none) keeps only references that state no source or its own,
-   and with outlier exposure only those that name no OE set or its own (``oe_dataset``): FCDD with
-   confetti noise on Fashion-MNIST has no reference rather than the paper's outlier-exposure
-   number, an EMNIST-OE reproduction is not a CIFAR-100-OE run's (``source_ok``).
+4. A number with an ``ood_group`` (OpenOOD's near-ood / far-ood) is kept for the mean only when
+   every OOD set the method was measured on belongs to that group; a group's mean on an ood board
+   takes that group's numbers only, and only when the run measures every set of the group.
+5. Each stated comparability column is compared with the row's resolved parameters
+   (``run_setting``); a column the number leaves empty, or one the row does not record, never
+   blocks. A ``params`` entry the row does not have at all differs (the run is not that variant).
+   The numbers with no difference win, the one stating most matching columns first, then paper
+   before official code before reproduction, then file order. Where every number differs, the
+   closest (fewest differences) is shown with the status ``setting differs`` and the differences
+   named (``weights: tv_in1k vs racm_in1k``, the run's value first), never ``reproduced`` /
+   ``below`` / ``above``.
 """
 from __future__ import annotations
 
@@ -37,7 +42,27 @@ import pandas as pd
 
 EXPECTED_CSV = Path(__file__).with_name("expected.csv")
 EXPECTED_COLUMNS = ["method", "dataset", "protocol", "normal_class", "metric", "value", "setting", "source"]
-STATUSES = ("reproduced", "below", "above", "no reference")
+#: What decides whether a measured row is comparable with a number (empty: not stated).
+SETTING_COLUMNS = ["source_kind", "backbone", "weights", "image_size", "crop", "score", "anomaly_source",
+                   "oe_dataset", "epochs", "checkpoint", "fpr_convention", "ood_lists", "seeds", "ood_group",
+                   "params"]
+ALL_COLUMNS = EXPECTED_COLUMNS + SETTING_COLUMNS
+#: Columns whose values are one of a fixed set.
+CHOICES = {"source_kind": ("paper", "official_code", "reproduction"), "checkpoint": ("last", "best"),
+           "fpr_convention": ("id_positive", "ood_positive"), "ood_lists": ("filtered", "full"),
+           "ood_group": ("near-ood", "far-ood")}
+INTEGER_COLUMNS = ("image_size", "crop", "epochs", "seeds")
+#: The columns compared with a row's resolved parameters, each with the parameter keys that hold the
+#: row's value (first present wins); ``weights``, ``crop`` and ``params`` have rules of their own.
+ROW_KEYS = {"backbone": ("backbone", "arch"), "image_size": ("image_size",), "score": ("image_score",),
+            "anomaly_source": ("anomaly_source",), "oe_dataset": ("oe_dataset",), "epochs": ("epochs",),
+            "checkpoint": ("checkpoint_rule",), "ood_lists": ("ood_lists",)}
+COMPARED = ("backbone", "weights", "image_size", "crop", "score", "anomaly_source", "oe_dataset", "epochs",
+            "checkpoint", "ood_lists")
+SOURCE_KIND_ORDER = {"paper": 0, "official_code": 1, "reproduction": 2, "": 3}
+#: Which FPR column a number of each convention is compared with.
+FPR_METRIC = {"id_positive": "fpr95", "ood_positive": "fpr95_openood"}
+STATUSES = ("reproduced", "below", "above", "setting differs", "no reference")
 MEAN_LABELS = ("mean", "avg", "average")
 LOWER_IS_BETTER = frozenset({"fpr95", "fpr95_openood", "detection_error"})
 
@@ -61,36 +86,93 @@ OOD_GROUPS = {
 }
 #: OpenOOD's names of OOD sets registered here under another name.
 OOD_SET_ALIASES = {"textures": "dtd", "texture": "dtd"}
-BACKBONE_ALIASES = {
-    "wide_resnet50_2": ("wrn50", "wr50", "wideresnet50"),
-    "wide_resnet101_2": ("wrn101", "wr101", "wideresnet101"),
-    "resnet18": ("resnet18", "r18"),
-    "resnet50": ("resnet50", "r50"),
-    "efficientnet_b5": ("efficientnetb5",),
-    "efficientnet_b4": ("efficientnetb4",),
-}
-NOT_PAPER = ("reproduction", "not the paper", "not paper")
-#: How a setting states where the anomalies seen in training came from (rule 6), per value of a
-#: run's ``anomaly_source``; read from the setting's lower-case text ("NO OE" states none of them).
-ANOMALY_SOURCE_MARKS = {
-    "oe": r"\bwith (?:outlier exposure|oe)\b",
-    "confetti": r"\bconfetti\b",
-    "semi": r"\bsemi-supervised\b|\btrue anomalies\b",
-}
-#: How a setting names the outlier-exposure set, per registered dataset name (``oe_dataset``).
-OE_SET_MARKS = {"cifar100": r"cifar-?100", "emnist": r"\bemnist", "tin": r"tiny ?imagenet|\btin\b"}
 
 
-def load_expected(path: str | Path = EXPECTED_CSV) -> pd.DataFrame:
-    """The reference table, with ``class_key`` added; rows keep their file order (``ref_row``)."""
-    table = pd.read_csv(path, dtype={"normal_class": str})
-    missing = [c for c in EXPECTED_COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing}")
-    table = table[EXPECTED_COLUMNS].copy()
+class ExpectedFileError(ValueError):
+    """A reference CSV that cannot be used; the message names the file and the line."""
+
+
+def load_expected(path: str | Path = EXPECTED_CSV, extra: list[str | Path] | tuple = ()) -> pd.DataFrame:
+    """The reference table (``path``, then each ``extra`` file: a user's own numbers in the same
+    columns), validated, with ``class_key`` added; rows keep their order (``ref_row``)."""
+    tables = [read_expected(p) for p in [path, *extra]]
+    table = pd.concat(tables, ignore_index=True)
     table["ref_row"] = range(len(table))
     table["class_key"] = [expected_class_key(d, c) for d, c in zip(table["dataset"], table["normal_class"])]
     return table
+
+
+def read_expected(path: str | Path) -> pd.DataFrame:
+    """One reference CSV, every cell checked (``ExpectedFileError`` naming the file and line). The
+    comparability columns may be left out (not stated); unknown columns are an error, so a typo
+    never silently drops a condition."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ExpectedFileError(f"{path}: no such file") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ExpectedFileError(f"{path}: not a readable CSV file ({str(e).strip()})") from None
+    missing = [c for c in EXPECTED_COLUMNS if c not in table.columns]
+    unknown = [c for c in table.columns if c not in ALL_COLUMNS]
+    if missing or unknown:
+        raise ExpectedFileError(f"{path}: " + "; ".join(
+            [f"missing columns {missing}"] * bool(missing) + [f"unknown columns {unknown}"] * bool(unknown))
+            + f" (columns: {', '.join(ALL_COLUMNS)})")
+    table = table.reindex(columns=ALL_COLUMNS, fill_value="")
+    for column in table.columns:
+        table[column] = table[column].str.strip()
+    for i, row in enumerate(table.to_dict("records")):
+        problem = row_problem(row)
+        if problem:
+            raise ExpectedFileError(f"{path} line {i + 2}: {problem}")
+    table["value"] = table["value"].astype(float)
+    for column in INTEGER_COLUMNS:
+        table[column] = [int(v) if v else None for v in table[column]]
+    table["metric"] = [FPR_METRIC.get(c, m) if m in FPR_METRIC.values() else m
+                       for m, c in zip(table["metric"], table["fpr_convention"])]
+    table["source_file"] = str(path)
+    return table
+
+
+def row_problem(row: dict) -> str | None:
+    """What is wrong with one reference row (all values strings), or None."""
+    for column in ("method", "dataset", "protocol", "normal_class", "metric", "value", "source"):
+        if not row[column]:
+            return f"{column} is empty"
+    try:
+        value = float(row["value"])
+    except ValueError:
+        return f"value {row['value']!r} is not a number"
+    if not math.isfinite(value):
+        return f"value {row['value']!r} is not finite"
+    for column, choices in CHOICES.items():
+        if row[column] and row[column] not in choices:
+            return f"{column} {row[column]!r} is not one of {', '.join(choices)}"
+    for column in INTEGER_COLUMNS:
+        if row[column] and not re.fullmatch(r"\d+", row[column]):
+            return f"{column} {row[column]!r} is not a whole number"
+    convention, metric = row["fpr_convention"], row["metric"]
+    if convention and metric not in FPR_METRIC.values():
+        return f"fpr_convention is set but metric {metric!r} is not an FPR"
+    if metric in FPR_METRIC.values() and not convention:
+        return f"metric {metric!r} needs its fpr_convention ({' or '.join(FPR_METRIC)})"
+    try:
+        parse_params(row["params"])
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def parse_params(text: str) -> dict[str, str]:
+    """``"k=100; layers=layer2+layer3"`` -> ``{"k": "100", "layers": "layer2+layer3"}``."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in str(text or "").split(";"))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"params entry {part!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _index_of(dataset: str, name: str) -> str:
@@ -120,47 +202,6 @@ def expected_class_key(dataset: str, label) -> str:
     return class_key(dataset, label)
 
 
-def normalise(text: str) -> str:
-    return re.sub(r"[\s_\-]", "", str(text).lower())
-
-
-def _scalar_tokens(key: str, value) -> set[str]:
-    key = key.lower()
-    out: set[str] = set()
-    if isinstance(value, bool):
-        return {"pretrained"} if key == "pretrained" and value else ({"scratch"} if key == "pretrained" else set())
-    if isinstance(value, str):
-        out |= set(BACKBONE_ALIASES.get(value, ()))
-        if len(value) >= 3:
-            out.add(normalise(value))
-        return out
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        number = f"{value:g}"
-        out |= {f"{key}={number}", f"{key}{number}"}
-        if "ratio" in key and 0 < value <= 1:
-            out.add(f"{value * 100:g}%")
-        if key in ("crop", "image_size", "resolution", "size"):
-            out.add(f"{number}px")
-        if "epoch" in key:
-            out.add(f"{number}ep")
-    return out
-
-
-def setting_tokens(params: dict) -> set[str]:
-    """Words a setting may use for these hyper-parameters (normalised: lower case, no -_ or spaces)."""
-    tokens: set[str] = set()
-    for key, value in (params or {}).items():
-        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            digits = [re.sub(r"\D", "", v) for v in value]
-            if all(digits) and all(v.startswith("layer") for v in value):
-                tokens.add("layer" + "+".join(digits))
-            continue
-        if key == "crop" and value is None:
-            continue
-        tokens |= {normalise(t) for t in _scalar_tokens(key, value)}
-    return {t for t in tokens if t}
-
-
 def row_params(row) -> dict:
     """The resolved hyper-parameters of a row (its grid params where they were not recorded)."""
     for column in ("resolved_params", "params"):
@@ -175,48 +216,15 @@ def row_params(row) -> dict:
     return {}
 
 
-#: Values a setting may state (read from its lower-case text), each with how the run's own
-#: token of that kind is written; a stated value the run has otherwise is a conflict.
-STATED_VALUES = ((r"(?<![\d.])(\d+(?:\.\d+)?)\s*%", "{}%"), (r"(?<!\d)(\d+)\s*px", "{}px"),
-                 (r"\bk\s*=\s*(\d+)", "k={}"))
-
-
-def _conflicts(setting: str, tokens: set[str]) -> int:
-    """How many values the setting states that differ from the run's: another percentage, image
-    size or k (where the run has one of that kind), or another backbone and not the run's."""
-    lower, count = str(setting).lower(), 0
-    for pattern, form in STATED_VALUES:
-        stated = {form.format(m.group(1)) for m in re.finditer(pattern, lower)}
-        ours = {t for t in tokens if re.fullmatch(form.format(r"[\d.]+"), t)}
-        if stated and ours and not stated & ours:
-            count += 1
-    text = normalise(setting)
-    aliases = {a for names in BACKBONE_ALIASES.values() for a in names}
-    ours = tokens & aliases
-    if ours and not any(a in text for a in ours) and any(a in text for a in aliases - ours):
-        count += 1
-    return count
-
-
-def setting_score(setting: str, tokens: set[str]) -> float:
-    """+1 per run token the setting names, -1 per value it states differently, -0.5 when it is a
-    reproduction rather than the paper's number."""
-    text = normalise(setting)
-    score = float(sum(1 for t in tokens if t in text)) - _conflicts(setting, tokens)
-    if any(normalise(mark) in text for mark in NOT_PAPER):
-        score -= 0.5
-    return score
-
-
 def ood_set_name(name: str) -> str:
     """An OOD set's name as registered here (OpenOOD's ``textures`` is ``dtd``)."""
     return OOD_SET_ALIASES.get(str(name).lower(), str(name))
 
 
-def group_of(setting, dataset: str) -> str | None:
-    """The OpenOOD group a reference's setting starts with (``near-ood; ResNet18...``), or None."""
-    head = str(setting).strip().lower()
-    return next((group for group in OOD_GROUPS.get(dataset, {}) if head.startswith(group)), None)
+def group_of(ref) -> str | None:
+    """The OpenOOD group a reference averages (its ``ood_group``), or None."""
+    group = ref.get("ood_group") if hasattr(ref, "get") else None
+    return group if isinstance(group, str) and group else None
 
 
 def group_members(dataset: str, group: str) -> tuple[str, ...]:
@@ -230,18 +238,18 @@ def group_complete(dataset: str, group: str, ood_sets) -> bool:
     return bool(members) and set(members) <= measured
 
 
-def ood_group_ok(setting: str, dataset: str, ood_sets: set[str] | None) -> bool:
-    """False when the setting names an OpenOOD group and a measured OOD set lies outside it."""
-    group = group_of(setting, dataset)
+def ood_group_ok(ref, dataset: str, ood_sets: set[str] | None) -> bool:
+    """False when the reference averages an OpenOOD group and a measured OOD set lies outside it."""
+    group = group_of(ref)
     if group is None:
         return True
     members = group_members(dataset, group)
     return bool(ood_sets) and all(ood_set_name(s) in members for s in ood_sets)
 
 
-def group_references(found: pd.DataFrame, dataset: str, group: str) -> pd.DataFrame:
-    """The references among ``found`` whose setting names ``group``."""
-    return found[[group_of(s, dataset) == group for s in found["setting"]]]
+def group_references(found: pd.DataFrame, group: str) -> pd.DataFrame:
+    """The references among ``found`` that average ``group``."""
+    return found[found["ood_group"] == group]
 
 
 def by_key(expected: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
@@ -253,46 +261,84 @@ def candidates(index: dict, method: str, dataset: str, protocol: str, key: str, 
     """References for one class key (rules 1, 2); ``index`` from :func:`by_key`."""
     found = index.get((method, dataset, protocol, metric))
     if found is None:
-        return pd.DataFrame(columns=EXPECTED_COLUMNS + ["ref_row", "class_key"])
+        return pd.DataFrame(columns=ALL_COLUMNS + ["ref_row", "class_key"])
     keys = [key, "all"] if key == "mean" and protocol in ("ood", "osr") else [key]
     return found[found["class_key"].isin(keys)]
 
 
-def stated_sources(setting) -> set[str]:
-    """The anomaly sources a reference's setting says its training used (rule 6), often none."""
-    lower = str(setting).lower()
-    return {source for source, pattern in ANOMALY_SOURCE_MARKS.items() if re.search(pattern, lower)}
+def _text(value) -> str:
+    """A value as the reference file writes it: lists joined by ``+``, whole floats as integers."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (list, tuple)):
+        return "+".join(_text(v) for v in value)
+    return str(value)
 
 
-def stated_oe_sets(setting) -> set[str]:
-    """The outlier-exposure sets a reference's setting names (registered dataset names)."""
-    lower = str(setting).lower()
-    return {name for name, pattern in OE_SET_MARKS.items() if re.search(pattern, lower)}
+def _same(ours, theirs: str) -> bool:
+    """Equal as numbers where both are numbers, else as lower-case text."""
+    ours = _text(ours)
+    try:
+        return math.isclose(float(ours), float(theirs), rel_tol=1e-9, abs_tol=1e-12)
+    except ValueError:
+        return ours.lower() == str(theirs).lower()
 
 
-def source_ok(setting, params: dict | None) -> bool:
-    """False when the setting states an anomaly source other than the run's ``anomaly_source``,
-    or, for outlier exposure, names OE sets and not the run's ``oe_dataset`` (rule 6)."""
+def run_setting(params: dict) -> dict:
+    """The row's value of each compared column (absent: the row does not record it)."""
     params = params or {}
-    source, stated = params.get("anomaly_source"), stated_sources(setting)
-    if source is None or not stated:
-        return True
-    if source not in stated:
-        return False
-    oe_sets, oe_dataset = stated_oe_sets(setting), params.get("oe_dataset")
-    return source != "oe" or not oe_sets or oe_dataset is None or oe_dataset in oe_sets
+    out = {}
+    for column, keys in ROW_KEYS.items():
+        key = next((k for k in keys if params.get(k) is not None), None)
+        if key is not None:
+            out[column] = params[key]
+    weights = params.get("weights_tag")
+    if params.get("pretrained") is False:
+        weights = "scratch"
+    if weights is not None:
+        out["weights"] = weights
+    if "image_size" in out:   # no crop keeps the whole frame: a crop of the image size
+        crop = params.get("crop")
+        out["crop"] = out["image_size"] if crop in (None, 0) else crop
+    return out
+
+
+def differences(ref, params: dict) -> tuple[list[str], int]:
+    """(the stated columns whose value the row has otherwise, as ``column: ours vs theirs``; how many
+    stated columns it matches). A ``params`` entry the row lacks differs (``—`` for ours)."""
+    ours, differ, matched = run_setting(params), [], 0
+    for column in COMPARED:
+        theirs = ref.get(column)
+        if theirs is None or (isinstance(theirs, float) and math.isnan(theirs)) or theirs == "":
+            continue
+        if column not in ours:
+            continue
+        if _same(ours[column], _text(theirs)):
+            matched += 1
+        else:
+            differ.append(f"{column}: {_text(ours[column])} vs {_text(theirs)}")
+    for key, theirs in parse_params(ref.get("params") or "").items():
+        if key in (params or {}) and _same(params[key], theirs):
+            matched += 1
+        else:
+            differ.append(f"{key}: {_text(params[key]) if key in (params or {}) else '—'} vs {theirs}")
+    return differ, matched
 
 
 def choose(found: pd.DataFrame, params: dict, dataset: str, ood_sets: set[str] | None):
-    """The best reference among ``found`` for a run with these resolved ``params`` (rules 4 to 6
-    above), or None."""
-    kept = found[[ood_group_ok(s, dataset, ood_sets) and source_ok(s, params) for s in found["setting"]]]
-    if kept.empty:
-        return None
-    tokens = setting_tokens(params)
-    scores = [setting_score(s, tokens) for s in kept["setting"]]
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    return kept.iloc[best]
+    """(the best reference among ``found`` for a run with these resolved ``params``, the differences
+    that keep it from being compared: empty when it is comparable), or (None, []) (rules 4, 5)."""
+    best, best_key, best_diff = None, None, []
+    for ref in found.to_dict("records"):
+        if not ood_group_ok(ref, dataset, ood_sets):
+            continue
+        differ, matched = differences(ref, params)
+        key = (len(differ), -matched, SOURCE_KIND_ORDER.get(ref.get("source_kind") or "", 3), ref["ref_row"])
+        if best_key is None or key < best_key:
+            best, best_key, best_diff = ref, key, differ
+    return best, best_diff
 
 
 def mean_classes(index: dict, method: str, dataset: str, protocol: str, metric: str) -> set[str] | None:
@@ -306,10 +352,13 @@ def mean_classes(index: dict, method: str, dataset: str, protocol: str, metric: 
     return set() if same is None else set(same["class_key"]) - {"mean", "all"}
 
 
-def status_of(measured: float, expected: float, tolerance_points: float) -> str:
-    """reproduced within ``tolerance_points`` (metric x 100), else below / above; no reference."""
+def status_of(measured: float, expected: float, tolerance_points: float, differs=()) -> str:
+    """reproduced within ``tolerance_points`` (metric x 100), else below / above; ``setting differs``
+    when the number's stated setting is not the run's; no reference."""
     if expected is None or measured is None or not (math.isfinite(expected) and math.isfinite(measured)):
         return "no reference"
+    if differs:
+        return "setting differs"
     diff = measured - expected
     if abs(diff) <= tolerance_points / 100.0 + 1e-9:
         return "reproduced"

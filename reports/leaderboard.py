@@ -27,7 +27,7 @@ BOOTSTRAP_CACHE = ".bootstrap-cache.npz"
 BAR_METRICS = ("image_auroc", "pixel_auroc", "pro")
 GALLERY_CLASSES = 3   # per method
 GALLERY_ROWS = 8      # per board
-MARKS = {"reproduced": "✓", "below": "▼", "above": "▲", "no reference": ""}
+MARKS = {"reproduced": "✓", "below": "▼", "above": "▲", "setting differs": "≠", "no reference": ""}
 PANDAS_LINES = ('import pandas as pd\n'
                 'rows = pd.read_parquet("{run}/rows")\n'
                 'rows[rows.status == "ok"].pivot_table(index="method", columns="normal_class", '
@@ -35,18 +35,21 @@ PANDAS_LINES = ('import pandas as pd\n'
 
 
 def build_report(run_dir: Path, compare: str | Path | None = None, tolerance: float = 1.0, *,
-                 expected_path: str | Path = EXPECTED_CSV, n_resamples: int = N_RESAMPLES,
+                 expected_path: str | Path = EXPECTED_CSV, extra_expected: tuple = (), n_resamples: int = N_RESAMPLES,
                  min_change: float = MIN_CHANGE) -> Path:
     """Write ``<run_dir>/report/`` and return that folder. ``tolerance``: points (metric x 100)
-    within which a measured mean counts as reproducing the paper's."""
+    within which a measured mean counts as reproducing the paper's; ``extra_expected``: the user's
+    own reference CSVs, added to ``expected_path``'s numbers (checked before anything is built)."""
     run_dir = Path(run_dir)
+    expected = load_expected(expected_path, tuple(extra_expected))
     if compare is not None and not (Path(compare) / "rows").is_dir():
         raise FileNotFoundError(f"--compare {compare}: no rows/ folder there (expected RESULTS/RUN)")
     folder = run_dir / "report"
     building = Path(tempfile.mkdtemp(prefix=".report-building-", dir=run_dir))   # beside report/: same disk
     (building / "plots").mkdir()
     try:
-        _write_report(run_dir, building, compare, tolerance, expected_path, n_resamples, min_change)
+        _write_report(run_dir, building, compare, tolerance, expected, expected_path, tuple(extra_expected),
+                      n_resamples, min_change)
         _publish(building, folder)
     finally:
         shutil.rmtree(building, ignore_errors=True)
@@ -64,10 +67,9 @@ def _publish(building: Path, folder: Path) -> None:
             os.replace(path, folder / path.relative_to(building))
 
 
-def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expected_path, n_resamples: int,
-                  min_change: float) -> None:
+def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expected: pd.DataFrame, expected_path,
+                  extra_expected: tuple, n_resamples: int, min_change: float) -> None:
     rows = annotate(read_rows(run_dir))
-    expected = load_expected(expected_path)
     cache = DistributionCache(run_dir / BOOTSTRAP_CACHE)
     if compare is not None:
         cache.include(Path(compare) / BOOTSTRAP_CACHE)
@@ -83,7 +85,8 @@ def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expect
         table.to_parquet(folder / f"{name}.parquet", index=False)
     figures = make_plots(rows, tables, tolerance, folder)
     context = {"run": run_dir, "summary": run_summary(rows), "tolerance": tolerance, "compare": compare,
-               "n_resamples": n_resamples, "min_change": min_change, "expected_path": Path(expected_path)}
+               "n_resamples": n_resamples, "min_change": min_change, "expected_path": Path(expected_path),
+               "extra_expected": [Path(p) for p in extra_expected]}
     blocks = report_blocks(tables, figures, context)
     (folder / "report.md").write_text(markdown(blocks), encoding="utf-8")
     (folder / "report.html").write_text(html_page(blocks, f"adgrid report: {run_dir.name}", folder),
@@ -127,7 +130,7 @@ def make_plots(rows: pd.DataFrame, tables: dict, tolerance: float, folder: Path)
             rel = Path("plots") / f"cost_{slug(board, protocol)}.png"
             plots.accuracy_vs_cost(g, f"{board} · {protocol}: accuracy vs cost", folder / rel)
             figures["cost"][(board, protocol)] = rel
-    matched = boards[boards["expected"].notna() & boards["mean"].notna()]
+    matched = boards[boards["expected"].notna() & boards["mean"].notna() & (boards["status"] != "setting differs")]
     if len(matched):
         rel = Path("plots") / "expected_vs_measured.png"
         plots.expected_vs_measured(matched, tolerance, folder / rel)
@@ -193,8 +196,10 @@ def summary_blocks(context: dict) -> list:
                   f"{s['timeout']} timed out. Started {started}; wall time {seconds(s['wall_s'])} "
                   f"(first start to last finish), summed cell time {seconds(s['cell_s_sum'])}."),
         Bullets([f"hosts: {hosts}; devices: {devices}; git: {', '.join(s['git_shas']) or '—'}",
-                 f"paper numbers: {context['expected_path'].name}; reproduced = within "
-                 f"±{context['tolerance']:g} points of the paper's value",
+                 f"paper numbers: {', '.join(p.name for p in [context['expected_path'], *context['extra_expected']])}; "
+                 f"reproduced = within ±{context['tolerance']:g} points of the paper's value, compared only "
+                 "where the number's stated setting (backbone, weights, image size, score rule...) is the "
+                 "run's; otherwise 'setting differs' names the differences",
                  f"intervals: {LEVEL:.0%} percentile bootstrap, {context['n_resamples']} resamples of the "
                  f"test samples within each seed (stratified), for image-score metrics "
                  f"({', '.join(BOOTSTRAP_METRICS)}); other metrics show mean ± std over seeds only",
@@ -208,21 +213,30 @@ def reproduction_blocks(table: pd.DataFrame, refs: References) -> list:
     blocks = [Heading("Reproduction"),
               Paragraph("Every method × dataset × metric with a paper number: the measured mean over "
                         "classes against the paper's mean, and per class how many landed within the "
-                        "tolerance (✓ reproduced, ▼ below, ▲ above). On OOD boards with OpenOOD groups, "
+                        "tolerance (✓ reproduced, ▼ below, ▲ above, ≠ setting differs: the number's "
+                        "stated setting is not the run's, so it is shown but not judged). On OOD boards with OpenOOD groups, "
                         "each group's mean (near-ood, far-ood) against the paper's group number too.")]
     if table.empty:
         return blocks + [Paragraph("No measured method has a paper number in the reference table.")]
     rows, styles = [], []
     for r in table.to_dict("records"):
-        counts = (f"{r['reproduced']}✓ {r['below']}▼ {r['above']}▲ of {r['classes_with_reference']}"
-                  if r["classes_with_reference"] else "—")
+        counts = (f"{r['reproduced']}✓ {r['below']}▼ {r['above']}▲ "
+                  + (f"{r['setting_differs']}≠ " if r["setting_differs"] else "")
+                  + f"of {r['classes_with_reference']}" if r["classes_with_reference"] else "—")
         rows.append([r["variant"], r["board"], r["protocol"], r["metric"], r["average"], pts(r["measured"]),
                      pts(r["expected"]), pts(r["diff"], True), r["status"], counts, pts(r["mean_abs_diff"]),
-                     refs.cite(r["setting"], r["source"]), r["note"] if isinstance(r["note"], str) else ""])
+                     refs.cite(r["setting"], r["source"]), _note(r)])
         styles.append([""] * 8 + [r["status"].replace(" ", "-")] + [""] * 4)
     header = ["method", "dataset", "protocol", "metric", "average", "measured", "paper", "Δ", "status",
               "classes", "mean |Δ| classes", "ref", "note"]
     return blocks + [Table(header, rows, "reproduction", styles, numeric={5, 6, 7, 10})]
+
+
+def _note(r: dict) -> str:
+    """A record's note, led by what differs from the number's stated setting."""
+    parts = [f"setting differs: {r['differs']}" if isinstance(r.get("differs"), str) else "",
+             r["note"] if isinstance(r.get("note"), str) else ""]
+    return "; ".join(p for p in parts if p)
 
 
 def _class_cell(r: dict, refs: References) -> tuple[str, str, str]:
@@ -251,7 +265,7 @@ def group_blocks(key: tuple, board: pd.DataFrame, means: pd.DataFrame, groups: l
                      key=lambda r: (rank[r["variant"]], groups.index(r["column"])))
     rows = [[r["variant"], r["column"], f"{r['classes_measured']}/{r['classes_total']}", mean_std(r["mean"], r["std"]),
              interval(r["ci_low"], r["ci_high"]), pts(r["expected"]), pts(r["diff"], True), r["status"],
-             refs.cite(r["setting"], r["source"]), r["note"] if isinstance(r["note"], str) else ""]
+             refs.cite(r["setting"], r["source"]), _note(r)]
             for r in records]
     styles = [[""] * 7 + [r[7].replace(" ", "-"), "", ""] for r in rows]
     return [Paragraph("OpenOOD groups (per method: the mean over the group's measured OOD sets):"),
@@ -308,8 +322,8 @@ def board_blocks(key: tuple, board: pd.DataFrame, figures: dict, refs: Reference
     else:
         notes.append(f"{metric} is not an image-score metric: no bootstrap interval, mean ± std over seeds only.")
     for m in means.to_dict("records"):
-        if isinstance(m["note"], str):
-            notes.append(f"{m['variant']}: {m['note']}.")
+        if _note(m):
+            notes.append(f"{m['variant']}: {_note(m)}.")
     no_ref = sorted(set(board["variant"]) - set(board.loc[board["expected"].notna(), "variant"]))
     if no_ref:
         notes.append(f"No paper number on this board for: {', '.join(no_ref)}.")
@@ -319,7 +333,8 @@ def board_blocks(key: tuple, board: pd.DataFrame, figures: dict, refs: Reference
     matched = board[is_class & board["expected"].notna()]
     if len(matched):
         rows = [[r["variant"], r["column"], mean_std(r["mean"], r["std"]), pts(r["expected"]), pts(r["diff"], True),
-                 r["status"], refs.cite(r["setting"], r["source"])] for r in matched.to_dict("records")]
+                 r["status"] + (f" ({r['differs']})" if isinstance(r["differs"], str) else ""),
+                 refs.cite(r["setting"], r["source"])] for r in matched.to_dict("records")]
         styles = [["", "", "", "", "", r["status"].replace(" ", "-"), ""] for r in matched.to_dict("records")]
         blocks += [Paragraph("Per class against the papers:"),
                    Table(["method", "class", "measured", "paper", "Δ", "status", "ref"], rows,

@@ -16,23 +16,25 @@ from reports.bootstrap import (BOOTSTRAP_METRICS, N_RESAMPLES, DistributionCache
                                resample_metrics, resamples_for, row_seed, usable)
 from reports.expected import (LOWER_IS_BETTER, OOD_GROUPS, by_key, candidates, choose, class_key, group_complete,
                               group_members, group_of, group_references, mean_classes, ood_set_name, row_params,
-                              source_ok, stated_oe_sets, stated_sources, status_of)
+                              status_of)
 from reports.rows import MEAN_COLUMN, as_array, column_order, ok_rows, present_metrics
 
 #: Row columns too large to carry through the table code (read from the full rows where needed).
 HEAVY_COLUMNS = ["labels", "image_scores", "loss_curve", "sample_maps", "traceback"]
 LEADERBOARD_COLUMNS = [
     "board", "dataset", "protocol", "metric", "variant", "method", "column", "column_key", "is_mean",
-    "is_group", "seeds", "mean", "std", "ci_low", "ci_high", "expected", "diff", "status", "setting", "source",
-    "rank", "leader", "tied", "classes_measured", "classes_total", "failed", "note",
+    "is_group", "seeds", "mean", "std", "ci_low", "ci_high", "expected", "diff", "status", "differs", "setting",
+    "source", "source_kind", "rank", "leader", "tied", "classes_measured", "classes_total", "failed", "note",
 ]
 REPRODUCTION_COLUMNS = [
     "variant", "board", "protocol", "metric", "average", "measured", "expected", "diff", "status",
-    "classes_with_reference", "reproduced", "below", "above", "mean_abs_diff", "setting", "source", "note",
+    "classes_with_reference", "reproduced", "below", "above", "setting_differs", "mean_abs_diff", "differs",
+    "setting", "source", "source_kind", "note",
 ]
 #: Metrics of the in-distribution test images alone (the same on every OOD set): no group means.
 ID_METRICS = frozenset({"accuracy"})
-NO_REFERENCE = {"expected": np.nan, "setting": None, "source": None}
+NO_REFERENCE = {"expected": np.nan, "setting": None, "source": None, "source_kind": None, "ood_group": None,
+                "differs": None}
 
 
 def row_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES,
@@ -66,28 +68,20 @@ def _std(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1)) if values.size >= 2 else float("nan")
 
 
-def _as_reference(ref) -> dict:
+def _as_reference(chosen) -> dict:
+    """The chosen reference (``expected.choose``'s pair) as a record's columns; ``differs`` names what
+    keeps it from being compared (None: comparable)."""
+    ref, differ = chosen
     if ref is None:
         return dict(NO_REFERENCE)
-    return {"expected": float(ref["value"]), "setting": ref["setting"], "source": ref["source"]}
+    return {"expected": float(ref["value"]), "setting": ref["setting"], "source": ref["source"],
+            "source_kind": ref.get("source_kind") or None, "ood_group": group_of(ref),
+            "differs": "; ".join(differ) or None}
 
 
 def _reference(index, method, dataset, protocol, key, metric, params, ood_sets) -> dict:
     found = candidates(index, method, dataset, protocol, key, metric)
     return _as_reference(choose(found, params, dataset, ood_sets))
-
-
-def _other_source_note(found: pd.DataFrame, params: dict) -> str | None:
-    """Why the paper's mean was not compared when its every setting trained on other anomalies."""
-    source = params.get("anomaly_source")
-    if found.empty or source is None or any(source_ok(s, params) for s in found["setting"]):
-        return None
-    stated = sorted({s for setting in found["setting"] for s in stated_sources(setting)})
-    if source in stated:   # the same kind, another outlier-exposure set
-        sets = sorted({s for setting in found["setting"] for s in stated_oe_sets(setting)})
-        return (f"paper number not compared: its outlier exposure uses {' / '.join(sets)}, "
-                f"this run's {params.get('oe_dataset')}")
-    return f"paper number not compared: it trains with anomaly source {' / '.join(stated)}, this run with {source}"
 
 
 def board_groups(dataset: str, protocol: str, metric: str) -> dict[str, tuple[str, ...]]:
@@ -118,7 +112,7 @@ def _group_record(group: str, covered: list[str], vrows, metric, dataset, protoc
     every set of the group is measured (as a paper's mean needs every class)."""
     members = group_members(dataset, group)
     found = group_references(candidates(index, vrows["method"].iloc[0], dataset, protocol, MEAN_COLUMN, metric),
-                             dataset, group)
+                             group)
     ref, note = dict(NO_REFERENCE), None
     if group_complete(dataset, group, covered):
         ref = _as_reference(choose(found, params, dataset, set(covered)))
@@ -167,15 +161,13 @@ def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tol
         if not candidates(index, method, dataset, protocol, MEAN_COLUMN, metric).empty:
             note = (f"paper mean not compared: it averages {len(wanted)} classes, the run measures "
                     f"{len(wanted & keys)} of them")
-    group = group_of(ref["setting"], dataset) if ood_sets and isinstance(ref["setting"], str) else None
+    group = ref["ood_group"] if ood_sets else None
     if group is not None and not group_complete(dataset, group, ood_sets):
         ref = dict(NO_REFERENCE)  # as a paper's class mean: compared only when every set is measured
         note = (f"paper {group} value not compared: it averages OpenOOD's whole {group} group "
                 f"({', '.join(group_members(dataset, group))}); this run measures {', '.join(sorted(ood_sets))}")
     elif np.isnan(ref["expected"]) and any(g["source"] or g["note"] for g in groups):
         note = f"OpenOOD's numbers each average one group: see {' / '.join(g['column'] for g in groups)}"
-    elif np.isnan(ref["expected"]) and note is None:
-        note = _other_source_note(candidates(index, method, dataset, protocol, MEAN_COLUMN, metric), params)
     records.append({"column": MEAN_COLUMN, "column_key": MEAN_COLUMN, "is_mean": True, "is_group": False,
                     "seeds": int(vrows["seed"].nunique()),
                     **_average(vrows, metric, measured, column_means, column_dists),
@@ -183,7 +175,7 @@ def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tol
     for r in records:
         r.update(variant=vrows["variant"].iloc[0], method=method, metric=metric,
                  diff=r["mean"] - r["expected"] if np.isfinite(r["expected"]) else np.nan,
-                 status=status_of(r["mean"], r["expected"], tolerance))
+                 status=status_of(r["mean"], r["expected"], tolerance, r.get("differs")))
     return records
 
 
@@ -251,7 +243,8 @@ def _group_reproduction(r: dict) -> dict:
     return {"variant": r["variant"], "board": r["board"], "protocol": r["protocol"], "metric": r["metric"],
             "average": r["column"], "measured": r["mean"], "expected": r["expected"], "diff": r["diff"],
             "status": r["status"], "classes_with_reference": 0, "reproduced": 0, "below": 0, "above": 0,
-            "mean_abs_diff": np.nan, "setting": r["setting"], "source": r["source"],
+            "setting_differs": 0, "mean_abs_diff": np.nan, "differs": r["differs"], "setting": r["setting"],
+            "source": r["source"], "source_kind": r["source_kind"],
             "note": r["note"] if isinstance(r["note"], str) else None}
 
 
@@ -268,6 +261,7 @@ def reproduction(board_table: pd.DataFrame, expected: pd.DataFrame) -> pd.DataFr
         mean = g[g["is_mean"]].iloc[0]
         classes = g[~g["is_mean"] & ~g["is_group"] & g["expected"].notna()]
         counts = classes["status"].value_counts()
+        comparable = classes[classes["status"] != "setting differs"]
         first = mean if pd.notna(mean["expected"]) else (classes.iloc[0] if len(classes) else None)
         note = mean["note"] if isinstance(mean["note"], str) else None
         if first is None:
@@ -276,10 +270,12 @@ def reproduction(board_table: pd.DataFrame, expected: pd.DataFrame) -> pd.DataFr
                     "average": MEAN_COLUMN, "measured": mean["mean"], "expected": mean["expected"],
                     "diff": mean["diff"], "status": mean["status"], "classes_with_reference": len(classes),
                     "reproduced": int(counts.get("reproduced", 0)), "below": int(counts.get("below", 0)),
-                    "above": int(counts.get("above", 0)),
-                    "mean_abs_diff": float(classes["diff"].abs().mean()) if len(classes) else np.nan,
+                    "above": int(counts.get("above", 0)), "setting_differs": int(counts.get("setting differs", 0)),
+                    "mean_abs_diff": float(comparable["diff"].abs().mean()) if len(comparable) else np.nan,
+                    "differs": None if first is None else first["differs"],
                     "setting": None if first is None else first["setting"],
-                    "source": None if first is None else first["source"], "note": note})
+                    "source": None if first is None else first["source"],
+                    "source_kind": None if first is None else first["source_kind"], "note": note})
         out += [_group_reproduction(r) for r in g[g["is_group"]].to_dict("records")
                 if pd.notna(r["expected"]) or isinstance(r["note"], str)]
     return pd.DataFrame(out, columns=REPRODUCTION_COLUMNS)
