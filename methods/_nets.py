@@ -5,7 +5,9 @@ Sources (architectures and constants transcribed from the official code, layer b
 
 * Deep SVDD / DCAE — Ruff et al., "Deep One-Class Classification", ICML 2018;
   github.com/lukasruff/Deep-SVDD-PyTorch ``src/networks/mnist_LeNet.py``,
-  ``src/networks/cifar10_LeNet.py``, ``src/datasets/{mnist,cifar10,preprocessing}.py``.
+  ``src/networks/cifar10_LeNet.py``, ``src/datasets/{mnist,cifar10,preprocessing}.py``; the
+  Fashion-MNIST LeNet of the authors' Deep SAD (ICLR 2020), github.com/lukasruff/Deep-SAD-PyTorch
+  ``src/networks/fmnist_LeNet.py``.
 * FCDD and its HSC / AE baselines — Liznerski et al., "Explainable Deep One-Class
   Classification", ICLR 2021; github.com/liznerski/fcdd ``python/fcdd/models/*.py``,
   ``python/fcdd/datasets/{fmnist,cifar,mvtec}.py``.
@@ -386,7 +388,55 @@ class Cifar10LeNetAE(nn.Module):
         return torch.sigmoid(self.deconv4(x))
 
 
-DSVDD_NETS = {"mnist_lenet": (MnistLeNet, MnistLeNetAE), "cifar10_lenet": (Cifar10LeNet, Cifar10LeNetAE)}
+class FmnistLeNet(nn.Module):
+    """Deep SAD's Fashion-MNIST LeNet (Ruff et al., ICLR 2020; lukasruff/Deep-SAD-PyTorch
+    ``src/networks/fmnist_LeNet.py``): conv(16,5×5)-BN-LReLU-pool, conv(32,5×5)-BN-LReLU-pool,
+    fc(1568→128)-BN1d-LReLU, fc(128→64); bias-free, BN without affine terms."""
+
+    in_size, in_channels, rep_dim = 28, 1, 64
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5, bias=False, padding=2)
+        self.bn2d1 = _bn2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 5, bias=False, padding=2)
+        self.bn2d2 = _bn2d(32)
+        self.fc1 = nn.Linear(32 * 7 * 7, 128, bias=False)
+        self.bn1d1 = nn.BatchNorm1d(128, eps=1e-4, affine=False)
+        self.fc2 = nn.Linear(128, self.rep_dim, bias=False)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.leaky_relu(self.bn2d1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.leaky_relu(self.bn2d2(self.conv2(x))), 2)
+        x = F.leaky_relu(self.bn1d1(self.fc1(x.flatten(1))))
+        return self.fc2(x)
+
+
+class FmnistLeNetAE(nn.Module):
+    """Deep SAD's Fashion-MNIST autoencoder: the encoder above and its decoder (fc(64→128)-BN1d,
+    8×4×4, nearest up-sampling + deconvs 32, 16, 1, sigmoid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = FmnistLeNet()
+        self.fc3 = nn.Linear(64, 128, bias=False)
+        self.bn1d2 = nn.BatchNorm1d(128, eps=1e-4, affine=False)
+        self.deconv1 = nn.ConvTranspose2d(8, 32, 5, bias=False, padding=2)
+        self.bn2d3 = _bn2d(32)
+        self.deconv2 = nn.ConvTranspose2d(32, 16, 5, bias=False, padding=3)
+        self.bn2d4 = _bn2d(16)
+        self.deconv3 = nn.ConvTranspose2d(16, 1, 5, bias=False, padding=2)
+
+    def forward(self, x):
+        z = self.bn1d2(self.fc3(self.encoder(x))).view(x.size(0), 8, 4, 4)
+        x = F.interpolate(F.leaky_relu(z), scale_factor=2)
+        x = F.interpolate(F.leaky_relu(self.bn2d3(self.deconv1(x))), scale_factor=2)
+        x = F.interpolate(F.leaky_relu(self.bn2d4(self.deconv2(x))), scale_factor=2)
+        return torch.sigmoid(self.deconv3(x))
+
+
+DSVDD_NETS = {"mnist_lenet": (MnistLeNet, MnistLeNetAE), "cifar10_lenet": (Cifar10LeNet, Cifar10LeNetAE),
+              "fmnist_lenet": (FmnistLeNet, FmnistLeNetAE)}
 
 
 # --------------------------------------------------------------------------------------------

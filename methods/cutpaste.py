@@ -16,10 +16,18 @@ Two stages (Sec. 2, Fig. 1):
    Before CutPaste each image is randomly translated and colour-jittered (Sec. 2.1, A.1).
 2. Anomaly score (Sec. 2.3, Eq. 2): a Gaussian density estimator (GDE) on the pooled features f
    of the normal training images, log p(x) ∝ -1/2 (f(x) - μ)ᵀ Σ⁻¹ (f(x) - μ), with μ, Σ from the
-   training data through scikit-learn (the paper: "scikit-learn for GDE implementation", A.1);
-   Σ by Ledoit-Wolf shrinkage (the reference re-implementation; ``covariance`` selects another
-   estimator). The score is the Mahalanobis distance sqrt((f - μ)ᵀ Σ⁻¹ (f - μ)), a monotone
-   function of -log p, so AUROC equals that of Eq. 2.
+   training data through scikit-learn (the paper: "scikit-learn for GDE implementation", A.1;
+   it names no estimator). ``covariance: gmm_full`` (default) is the estimator of the same
+   authors' DROC code base that the paper's two-stage framework follows (Sohn et al., ICLR 2021;
+   google-research/deep_representation_one_class ``util/train.py`` ``eval_embed``, the 'gde'
+   branch: ``GaussianMixture(n_components=1, init_params='kmeans', covariance_type='full')`` with
+   scikit-learn's default ``reg_covar`` 1e-6, on L2-normalised features, score
+   ``-score_samples``): the sample mean and the biased sample covariance + reg_covar·I.
+   ``ledoit_wolf`` is Ledoit-Wolf shrinkage, what Runinho/pytorch-cutpaste ``density.py``
+   ``GaussianDensityTorch`` (its default ``--density torch``, after Rippel et al.) uses; ``oas`` /
+   ``empirical`` are other scikit-learn estimators. The score is the Mahalanobis distance
+   sqrt((f - μ)ᵀ Σ⁻¹ (f - μ)); -log p = ½ d² + const, so its AUROC is that of Eq. 2 and of DROC's
+   ``-score_samples``.
 
 Paper settings (Appendix A.1-A.2): 256×256 images; 65k parameter updates = 256 "epochs" of 256
 steps each (footnote 5); momentum SGD, lr 0.03, momentum 0.9, batch 64 (96 for 3-way) = 32 normal
@@ -34,6 +42,10 @@ embeddings before the GDE (Runinho, after Sohn et al.); the translation magnitud
 side, reflect padding) and the whole-image jitter (0.1) of the pre-CutPaste augmentation.
 Localisation (GradCAM or the patch-level model of Sec. 2.4) is not implemented: rows carry image
 scores only.
+
+Reference: the authors' CutPaste code is not public; the defaults follow the paper and, where it
+is silent, the DROC code (GDE) and Runinho/pytorch-cutpaste (head, normalisation): see
+``CutPaste.reference``.
 """
 from __future__ import annotations
 
@@ -51,6 +63,12 @@ from methods._cutpaste_aug import VARIANTS, CutPasteSpec, make_batch
 from methods.base import Method, MethodParams, RunContext, Scores, check_finite, register
 
 N_CLASSES = {"binary": 2, "scar": 2, "union": 2, "3way": 3}
+DENSITY = {  # what resolved_params records as the GDE (Eq. 2)
+    "gmm_full": "GDE: sklearn GaussianMixture(1, 'full') as DROC util/train.py",
+    "ledoit_wolf": "GDE: sklearn LedoitWolf as Runinho/pytorch-cutpaste density.py",
+    "oas": "GDE: sklearn OAS covariance",
+    "empirical": "GDE: sklearn EmpiricalCovariance",
+}
 
 
 class CutPasteParams(MethodParams):
@@ -77,7 +95,8 @@ class CutPasteParams(MethodParams):
     image_jitter: float = Field(0.1, ge=0)           # pre-CutPaste colour jitter of the image
     embedding: Literal["pool", "head"] = "pool"      # Sec. 4: GDE on the top pooled features
     l2_normalize: bool = True
-    covariance: Literal["ledoit_wolf", "oas", "empirical"] = "ledoit_wolf"
+    covariance: Literal["gmm_full", "ledoit_wolf", "oas", "empirical"] = "gmm_full"  # see module doc
+    reg_covar: float = Field(1e-6, ge=0)             # gmm_full: sklearn's default, as DROC
     eval_batch_size: int = Field(64, ge=1)
 
     @field_validator("head_dims")
@@ -134,12 +153,20 @@ def build_encoder(params: CutPasteParams, ctx: RunContext) -> nn.Module:
     return encoder
 
 
-def fit_gaussian(emb: np.ndarray, covariance: str) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 2's μ and Σ⁻¹ from N×d training embeddings with a scikit-learn estimator."""
+def fit_gaussian(emb: np.ndarray, covariance: str, reg_covar: float = 1e-6,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 2's μ and Σ⁻¹ from N×d training embeddings with a scikit-learn estimator
+    (``gmm_full``: a one-component full-covariance GaussianMixture, as DROC's util/train.py)."""
     from sklearn.covariance import OAS, EmpiricalCovariance, LedoitWolf
+    from sklearn.mixture import GaussianMixture
 
+    x = emb.astype(np.float64)
+    if covariance == "gmm_full":
+        gm = GaussianMixture(n_components=1, covariance_type="full", init_params="kmeans",
+                             reg_covar=reg_covar, random_state=seed).fit(x)
+        return gm.means_[0], gm.precisions_[0]
     est = {"ledoit_wolf": LedoitWolf, "oas": OAS, "empirical": EmpiricalCovariance}[covariance]()
-    est.fit(emb.astype(np.float64))
+    est.fit(x)
     return est.location_, est.get_precision()
 
 
@@ -155,6 +182,9 @@ class CutPaste(Method):
     Params = CutPasteParams
     protocols = {"one_class"}
     paper = "Li et al., CutPaste: Self-Supervised Learning for Anomaly Detection and Localization, CVPR 2021"
+    reference = ("google-research/deep_representation_one_class@a36feaa2e2f1f8d4aabe24d219e2220b187bd315: "
+                 "util/train.py (GDE); Runinho/pytorch-cutpaste@10d8bf71df76d3a97f0106efee1d76f81d983149: "
+                 "model.py, eval.py, density.py (the authors' CutPaste code is unreleased)")
 
     def __init__(self, params: CutPasteParams, ctx: RunContext):
         super().__init__(params, ctx)
@@ -233,7 +263,7 @@ class CutPaste(Method):
         emb = self.embed(train.images)
         if not np.isfinite(emb).all():
             raise ValueError("cutpaste: non-finite training embeddings")
-        self.mean, self.precision = fit_gaussian(emb, p.covariance)
+        self.mean, self.precision = fit_gaussian(emb, p.covariance, p.reg_covar, int(ctx.seed))
 
     def score(self, test: Split) -> Scores:
         if self.precision is None:
@@ -252,6 +282,8 @@ class CutPaste(Method):
             augmentation=self.spec.describe(),
             encoder=f"timm {self.params.backbone} (global average pool, 512-d)"
                     + (" ImageNet init" if self.params.pretrained or self.params.weights else " from scratch"),
-            density=f"GDE (Eq. 2): sklearn {self.params.covariance} covariance, Mahalanobis distance",
+            density=DENSITY[self.params.covariance] + (f" (reg_covar {self.params.reg_covar})"
+                                                       if self.params.covariance == "gmm_full" else "")
+                    + ", L2-normalised features" * self.params.l2_normalize + "; score: Mahalanobis distance",
             pixel_scores="none (GradCAM / patch-level localisation not implemented)")
         return out

@@ -14,6 +14,7 @@ The training itself is a pure function of the key: the network is initialised un
 seeded with the cell's seed and mini-batches are drawn with a seeded ``torch.Generator``.
 
 Defaults are the official README's (lukasruff/Deep-SVDD-PyTorch): Adam, lr 1e-4, batch 200;
+``net: fmnist_lenet`` is Deep SAD's Fashion-MNIST autoencoder on [0, 1] inputs (see ``methods.dsvdd``);
 MNIST LeNet: 150 epochs, lr ×0.1 at epoch 50, weight decay 0.5e-3; CIFAR-10 LeNet: 350 epochs,
 milestone 250, weight decay 0.5e-6. Inputs: GCN-l1 then per-class min-max scaling
 (``methods._nets.fit_normalizer``), at 28×28×1 (mnist_lenet) or 32×32×3 (cifar10_lenet).
@@ -34,19 +35,43 @@ from methods.base import Method, MethodParams, RunContext, Scores, check_finite,
 AE_DEFAULTS = {
     "mnist_lenet": {"ae_epochs": 150, "ae_milestones": [50], "ae_weight_decay": 0.5e-3},
     "cifar10_lenet": {"ae_epochs": 350, "ae_milestones": [250], "ae_weight_decay": 0.5e-6},
+    # Deep-SAD-PyTorch README's LeNet example (its only command line): 150 epochs, milestone 50, 0.5e-3
+    "fmnist_lenet": {"ae_epochs": 150, "ae_milestones": [50], "ae_weight_decay": 0.5e-3},
 }
+#: Input normalisation per net for ``input_norm: auto``: GCN-l1 + min-max (Deep SVDD, Sec. 4.1), or
+#: none, the [0, 1] pixels of Deep SAD's Fashion-MNIST (Deep-SAD-PyTorch src/datasets/fmnist.py
+#: lines 32-33: ``transforms.ToTensor()`` only).
+AUTO_INPUT_NORM = {"mnist_lenet": "gcn_minmax", "cifar10_lenet": "gcn_minmax", "fmnist_lenet": "none"}
+#: What a row's ``recipe`` says (which published recipe the net and inputs are).
+RECIPES = {
+    ("mnist_lenet", "gcn_minmax"): "Deep SVDD (ICML 2018) mnist_LeNet, GCN-l1 + min-max",
+    ("cifar10_lenet", "gcn_minmax"): "Deep SVDD (ICML 2018) cifar10_LeNet, GCN-l1 + min-max",
+    ("fmnist_lenet", "none"): "Deep SAD (ICLR 2020) fmnist_LeNet, [0, 1] inputs (no GCN)",
+}
+
+
+def recipe_label(net: str, norm: str, dataset: str | None) -> str:
+    """The recipe a row used; on Fashion-MNIST it says that Deep SVDD has no official recipe."""
+    label = RECIPES.get((net, norm), f"{net}, input normalisation {norm} (no published recipe)")
+    if dataset == "fashion_mnist" and net == "mnist_lenet":
+        label += " (the MNIST recipe: Deep SVDD has no official Fashion-MNIST recipe)"
+    return label
 
 
 class AEPretrainParams(MethodParams):
     """Network choice, input statistics and the DCAE recipe (shared by dcae and dsvdd).
 
-    net: 'auto' picks mnist_lenet for one-channel images and cifar10_lenet for colour images;
-    images are resized to the net's input side (28 or 32). stats: 'auto' uses the official per-class
+    net: 'auto' picks mnist_lenet for one-channel images (Fashion-MNIST included: Deep SVDD
+    published no Fashion-MNIST recipe) and cifar10_lenet for colour images; 'fmnist_lenet' is the
+    authors' later Deep SAD Fashion-MNIST net. Images are resized to the net's input side (28 or
+    32). input_norm: 'auto' = GCN-l1 + min-max for the Deep SVDD nets, none ([0, 1] pixels) for
+    fmnist_lenet, as Deep SAD. stats: 'auto' uses the official per-class
     min/max constants when the split identifies MNIST / Fashion-MNIST / CIFAR-10 and its normal
     class at the original geometry, else 'computed' from the normal training images after GCN.
     ae_epochs / ae_milestones / ae_weight_decay: None = the official value for the chosen net."""
 
-    net: Literal["auto", "mnist_lenet", "cifar10_lenet"] = "auto"
+    net: Literal["auto", "mnist_lenet", "cifar10_lenet", "fmnist_lenet"] = "auto"
+    input_norm: Literal["auto", "gcn_minmax", "none"] = "auto"   # auto: AUTO_INPUT_NORM[net]
     stats: Literal["auto", "computed"] = "auto"
     ae_optimizer: Literal["adam", "amsgrad"] = "adam"
     ae_lr: float = 1e-4
@@ -110,9 +135,10 @@ class LeNetInputs:
         return (self.transform.resize, self.transform.channels) + self.normalizer.key()
 
 
-def lenet_inputs(train: Split, net_param: str, stats: str) -> tuple[LeNetInputs, torch.Tensor]:
-    """Resolve the net, fit the GCN + min-max normaliser on the normal training images, and return
-    it with the normalised normal training tensor."""
+def lenet_inputs(train: Split, net_param: str, stats: str,
+                 input_norm: str = "auto") -> tuple[LeNetInputs, torch.Tensor]:
+    """Resolve the net, fit its normaliser (GCN + min-max, or none) on the normal training images,
+    and return it with the normalised normal training tensor."""
     net = resolve_lenet(net_param, train.images)
     cls = DSVDD_NETS[net][0]
     transform = Transform(resize=cls.in_size, channels=cls.in_channels, mean=None, std=None)
@@ -121,7 +147,8 @@ def lenet_inputs(train: Split, net_param: str, stats: str) -> tuple[LeNetInputs,
     if len(normal) == 0:
         raise ValueError("the train split has no normal images (labels == 0)")
     hw, ch = _raw_geometry(train.images)
-    normalizer = fit_normalizer("gcn_minmax", normal, train, stats=stats, raw_hw=hw, raw_channels=ch)
+    kind = AUTO_INPUT_NORM[net] if input_norm == "auto" else input_norm
+    normalizer = fit_normalizer(kind, normal, train, stats=stats, raw_hw=hw, raw_channels=ch)
     return LeNetInputs(net, transform, normalizer), normalizer(normal)
 
 
@@ -185,7 +212,7 @@ def pretrain_dcae(ctx: RunContext, split: Split, x: torch.Tensor, recipe: DCAERe
 
 def recipe_affinity(p: AEPretrainParams) -> tuple:
     """What decides whether two cells can share a DCAE pre-training (beyond split and seed)."""
-    return ("dcae", p.net, p.stats, p.ae_optimizer, p.ae_lr, p.ae_epochs,
+    return ("dcae", p.net, p.input_norm, p.stats, p.ae_optimizer, p.ae_lr, p.ae_epochs,
             tuple(p.ae_milestones) if p.ae_milestones is not None else None,
             p.ae_batch_size, p.ae_weight_decay)
 
@@ -198,15 +225,21 @@ class DCAE(Method):
     Params = AEPretrainParams
     protocols = {"one_class"}
     paper = "Ruff et al., Deep One-Class Classification, ICML 2018 (DCAE baseline)"
+    reference = ("lukasruff/Deep-SVDD-PyTorch@1901612d595e23675fb75c4ebb563dd0ffebc21e: src/optim/ae_trainer.py, "
+                 "src/networks/mnist_LeNet.py, src/networks/cifar10_LeNet.py, src/datasets/preprocessing.py; "
+                 "fmnist_lenet: lukasruff/Deep-SAD-PyTorch@2e7aca37412e7f09d42d48d9e722ddfb422c814a: "
+                 "src/networks/fmnist_LeNet.py, src/datasets/fmnist.py")
 
     def __init__(self, params: AEPretrainParams, ctx: RunContext):
         super().__init__(params, ctx)
         self.inputs: LeNetInputs | None = None
         self.recipe: DCAERecipe | None = None
         self.ae = None
+        self.dataset: str | None = None
 
     def fit(self, train: Split) -> None:
-        self.inputs, x = lenet_inputs(train, self.params.net, self.params.stats)
+        self.inputs, x = lenet_inputs(train, self.params.net, self.params.stats, self.params.input_norm)
+        self.dataset = train.meta.get("dataset")
         self.transform = self.inputs.transform
         self.recipe = DCAERecipe.resolve(self.params, self.inputs.net)
         result = pretrain_dcae(self.ctx, train, x, self.recipe, self.inputs)
@@ -233,6 +266,7 @@ class DCAE(Method):
                        ae_milestones=list(self.recipe.milestones),
                        ae_weight_decay=self.recipe.weight_decay, ae_lr_gamma=0.1,
                        preprocessing=self.inputs.describe(),
+                       recipe=recipe_label(self.recipe.net, self.inputs.normalizer.kind, self.dataset),
                        score="sum over pixels of squared reconstruction error")
         return out
 

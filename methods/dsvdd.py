@@ -17,6 +17,12 @@ maps images into a feature space where normal data should concentrate around a c
   method); its encoder initialises φ.
 * Inputs: GCN-l1 then per-class min-max scaling to [0, 1] (Sec. 4.1) with the official constants
   where the split identifies the dataset and class, else computed from the normal training images.
+* Fashion-MNIST: the paper has no Fashion-MNIST experiment and the official code no recipe for it;
+  ``net: auto`` uses the MNIST LeNet with GCN + min-max (Fashion-MNIST's official fcdd constants).
+  ``net: fmnist_lenet`` is the authors' later Deep SAD recipe (lukasruff/Deep-SAD-PyTorch
+  ``src/networks/fmnist_LeNet.py``, rep_dim 64; ``src/datasets/fmnist.py``: [0, 1] pixels, no GCN).
+  Not adopted from Deep SAD: its batch 128 and its AE loss as a mean over pixels (ours: a sum, as
+  Deep SVDD). ``resolved_params()['recipe']`` says which recipe a row used.
 
 Defaults (official README, lukasruff/Deep-SVDD-PyTorch): Adam lr 1e-4, 150 epochs, lr ×0.1 at
 epoch 50, batch 200, weight decay 0.5e-6, ν = 0.1, pre-training on; DCAE recipe in ``methods.dcae``.
@@ -33,7 +39,7 @@ from data.base import Split
 from methods._nets import DSVDD_NETS
 from methods.base import Method, RunContext, Scores, check_finite, register
 from methods.dcae import (AEPretrainParams, DCAERecipe, LeNetInputs, batches, lenet_inputs,
-                          make_optimizer, pretrain_dcae, recipe_affinity, seeded)
+                          make_optimizer, pretrain_dcae, recipe_affinity, recipe_label, seeded)
 
 
 def init_center(mean: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
@@ -71,6 +77,11 @@ class DeepSVDD(Method):
     Params = DSVDDParams
     protocols = {"one_class"}
     paper = "Ruff et al., Deep One-Class Classification, ICML 2018"
+    reference = ("lukasruff/Deep-SVDD-PyTorch@1901612d595e23675fb75c4ebb563dd0ffebc21e: src/deepSVDD.py, "
+                 "src/optim/deepSVDD_trainer.py, src/optim/ae_trainer.py, src/networks/mnist_LeNet.py, "
+                 "src/networks/cifar10_LeNet.py, src/datasets/preprocessing.py; fmnist_lenet: "
+                 "lukasruff/Deep-SAD-PyTorch@2e7aca37412e7f09d42d48d9e722ddfb422c814a: "
+                 "src/networks/fmnist_LeNet.py, src/datasets/fmnist.py")
 
     def __init__(self, params: DSVDDParams, ctx: RunContext):
         super().__init__(params, ctx)
@@ -80,10 +91,12 @@ class DeepSVDD(Method):
         self.c: torch.Tensor | None = None
         self.R = 0.0
         self.pretrain_curve: list[float] = []
+        self.dataset: str | None = None
 
     def fit(self, train: Split) -> None:
         p, ctx = self.params, self.ctx
-        self.inputs, x = lenet_inputs(train, p.net, p.stats)
+        self.inputs, x = lenet_inputs(train, p.net, p.stats, p.input_norm)
+        self.dataset = train.meta.get("dataset")
         self.transform = self.inputs.transform
         net_cls = DSVDD_NETS[self.inputs.net][0]
         self.net = seeded(ctx.seed, net_cls).to(ctx.device)
@@ -150,7 +163,8 @@ class DeepSVDD(Method):
         out = self.params.model_dump(mode="json")
         if self.inputs is not None:
             out.update(net=self.inputs.net, preprocessing=self.inputs.describe(), lr_gamma=0.1,
-                       rep_dim=DSVDD_NETS[self.inputs.net][0].rep_dim)
+                       rep_dim=DSVDD_NETS[self.inputs.net][0].rep_dim,
+                       recipe=recipe_label(self.inputs.net, self.inputs.normalizer.kind, self.dataset))
         if self.recipe is not None:
             out.update(ae_epochs=self.recipe.epochs, ae_milestones=list(self.recipe.milestones),
                        ae_weight_decay=self.recipe.weight_decay, ae_lr_gamma=0.1)

@@ -19,9 +19,20 @@ Anomaly Detection", CVPR 2021 (arXiv:2011.11108); official code rohban-lab/Knowl
   alternatives of Table 1), reduced over colour channels by Σ_c |Λ_c| (official
   ``convert_to_grayscale``), Gaussian-filtered with σ = 4 and opened (erosion then dilation) with a
   3×3 ellipse. Maps are made for test splits that have masks, at the transform's input size.
-  Deviation: the official code rescales each map to [0, 1] by its own 99th percentile before
-  thresholding; that makes maps of different images incomparable (the paper scores anomalous
-  images only), so it is off by default (``map_normalization: per_image`` restores it).
+  Before the filter each map is rescaled to [0, 1] by its own minimum and 99th percentile and
+  clipped (official ``utils/utils.py`` ``convert_to_grayscale``, lines 11-17, called for every
+  map by ``test_functions.py`` ``gradients_localization`` line 119 and ``VanillaSaliency``):
+  ``map_normalization: per_image`` (default). ``none`` keeps the raw |gradient| scale, comparable
+  across images (the official protocol scores anomalous test images only, README: "remove the
+  good folder", where per-image scaling matters less). The grey opening of the filtered map
+  equals the official binary opening of every thresholded map (``compute_localization_auc``).
+
+Epochs: ``epochs`` counts training passes. The official loop runs ``range(num_epochs + 1)``
+(``train.py`` line 51) but checkpoints and evaluates only at epoch indices divisible by 50 / 10
+(lines 77-89), so with the config's num_epochs 51 / 201 / 601 (``configs/config.yaml`` line 8) the
+last saved and evaluated model is the one after index 50 / 200 / 600, i.e. after num_epochs
+passes: the presets' values. Its trailing pass is never saved or evaluated;
+``extra_final_epoch: true`` runs it anyway (num_epochs + 1 passes, the loop's last in-memory model).
 
 Per-dataset settings (``preset``; ``auto`` picks by the dataset name of the train split, else by
 its geometry): official ``configs/config.yaml`` and ``dataloader.py``, paper Sec. 4.1:
@@ -82,7 +93,8 @@ class KDADParams(MethodParams):
     localization: Literal["gradients", "smooth_grad", "gbp", "none"] = "gradients"  # Sec. 4.2.2
     sigma: float = Field(4.0, ge=0)               # Gaussian filter of the map (Sec. 4.2.2)
     opening: bool = True                          # 3×3 ellipse opening (Sec. 4.2.2)
-    map_normalization: Literal["none", "per_image"] = "none"
+    map_normalization: Literal["per_image", "none"] = "per_image"   # official convert_to_grayscale
+    extra_final_epoch: bool = False               # official loop's unsaved trailing pass (see doc)
     smooth_grad_n: int = Field(50, ge=1)          # official smooth_grad_localization
     smooth_grad_noise: float = Field(0.05, ge=0)  # noise std as a fraction of the input range
     eval_batch_size: int = Field(64, ge=1)
@@ -141,6 +153,9 @@ class KDAD(Method):
     Params = KDADParams
     protocols = {"one_class"}
     paper = "Salehi et al., Multiresolution Knowledge Distillation for Anomaly Detection, CVPR 2021"
+    reference = ("rohban-lab/Knowledge_Distillation_AD@0c574ae9ad12666982a1ccc2c7148acd6bf442fe: "
+                 "configs/config.yaml, train.py, loss_functions.py, test_functions.py, utils/utils.py, "
+                 "models/network.py, dataloader.py")
 
     def __init__(self, params: KDADParams, ctx: RunContext):
         super().__init__(params, ctx)
@@ -195,7 +210,7 @@ class KDAD(Method):
         opt = torch.optim.Adam(self.cloner.parameters(), lr=p.lr)
         n = len(train)
         targets = self._train_targets(train, blocks)
-        for epoch in range(self.setup["epochs"]):
+        for epoch in range(self.passes()):
             self.cloner.train()
             losses, order = [], torch.randperm(n, generator=g).numpy()
             for s in range(0, n, p.batch_size):
@@ -213,6 +228,10 @@ class KDAD(Method):
                 opt.step()
                 losses.append(loss.item())
             ctx.log_epoch(epoch, float(np.mean(losses)))
+
+    def passes(self) -> int:
+        """Training passes: the resolved ``epochs`` (+1 with ``extra_final_epoch``)."""
+        return self.setup["epochs"] + int(self.params.extra_final_epoch)
 
     def _train_targets(self, train: Split, blocks: list[int]) -> list[torch.Tensor] | None:
         """S's critical-layer activations of every training image, computed once (there is no
@@ -308,7 +327,8 @@ class KDAD(Method):
         out = self.params.model_dump(mode="json")
         if self.setup is not None:
             out.update({k: v for k, v in self.setup.items()})
-            out.update(transform=self.transform.describe(), input_size=self.transform.size)
+            out.update(transform=self.transform.describe(), input_size=self.transform.size,
+                       passes=self.passes())
         out.update(
             source="VGG-16 features (frozen)", source_weights=self.weights_id,
             cloner_cfg=CLONER_CFG[self.params.cloner], cloner_bias=False, cloner_batch_norm=True,

@@ -73,9 +73,13 @@ def test_registered_with_paper_defaults():
     assert (p.lr, p.momentum, p.weight_decay, p.batch_size) == (0.03, 0.9, 3e-5, 32)
     assert (p.area_ratio, p.aspect_ratio, p.jitter) == ((0.02, 0.15), 0.3, 0.1)
     assert (p.scar_width, p.scar_length, p.scar_rotation) == ((2.0, 16.0), (10.0, 25.0), 45.0)
-    assert (p.embedding, p.covariance) == ("pool", "ledoit_wolf")
+    # GDE: DROC util/train.py's GaussianMixture(1, 'full') on L2-normalised pooled features
+    assert (p.embedding, p.l2_normalize, p.covariance, p.reg_covar) == ("pool", True, "gmm_full", 1e-6)
     m = create("cutpaste", {}, RunContext())
     r = m.resolved_params()
+    assert r["covariance"] == "gmm_full" and "GaussianMixture(1, 'full')" in r["density"]
+    assert "LedoitWolf" in create("cutpaste", {"covariance": "ledoit_wolf"}, RunContext()).resolved_params()["density"]
+    assert "deep_representation_one_class@" in cls.reference and "util/train.py" in cls.reference
     assert r["images_per_step"] == 96 and r["total_steps"] == 65536 and r["input_size"] == 256
     assert create("cutpaste", {"variant": "binary"}, RunContext()).resolved_params()["images_per_step"] == 64
     assert m.transform.size == 256 and m.transform.mean == (0.485, 0.456, 0.406)
@@ -176,6 +180,27 @@ def test_gde_is_mahalanobis_of_eq2():
     assert np.allclose(cp_mod.mahalanobis(q, mean, prec), expected)
     lw_mean, lw_prec = cp_mod.fit_gaussian(emb, "ledoit_wolf")  # shrinkage: still a valid precision
     assert np.all(np.linalg.eigvalsh(lw_prec) > 0) and np.allclose(lw_mean, emb.mean(0))
+
+
+def test_default_gde_is_droc_one_component_gaussian_mixture():
+    """DROC util/train.py: GaussianMixture(1, 'full') -> mean and biased covariance + reg_covar I;
+    our Mahalanobis score ranks as its -score_samples, also with fewer samples than dimensions."""
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(30, 40)) @ rng.normal(size=(40, 40))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    mean, prec = cp_mod.fit_gaussian(emb, "gmm_full", 1e-6)
+    cov = np.cov(emb, rowvar=False, bias=True) + 1e-6 * np.eye(40)
+    assert np.allclose(mean, emb.mean(0)) and np.allclose(prec @ cov, np.eye(40), atol=1e-5)
+    q = rng.normal(size=(25, 40))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    ref = -GaussianMixture(1, covariance_type="full", init_params="kmeans").fit(emb).score_samples(q)
+    ours = cp_mod.mahalanobis(q, mean, prec)
+    assert np.array_equal(np.argsort(ours), np.argsort(ref))
+    # not the Ledoit-Wolf estimate: with n < d its shrinkage changes the ranking
+    lw = cp_mod.mahalanobis(q, *cp_mod.fit_gaussian(emb, "ledoit_wolf"))
+    assert not np.array_equal(np.argsort(lw), np.argsort(ref))
 
 
 # ------------------------------------------------------------------------------------------

@@ -173,6 +173,60 @@ def test_dcae_trains_and_detects(digits):
     assert auroc(test, m.score(test)) > 0.9
 
 
+def fmnist_like(digits):
+    """digits at 28 px labelled as Fashion-MNIST class 0 (what ``identify_split`` reads)."""
+    train, test = make_splits(digits)
+    names = ["T-shirt/top"] + NAMES[1:]
+    meta = {"dataset": "fashion_mnist"}
+    return (Split(images=train.images, labels=train.labels, targets=train.targets, class_names=names,
+                  key="fashion_mnist:0|train", meta=meta),
+            Split(images=test.images, labels=test.labels, targets=test.targets, class_names=names,
+                  key="fashion_mnist:0|test", meta=meta))
+
+
+def test_fashion_mnist_auto_recipe_unchanged_and_deep_sad_recipe_labelled(digits):
+    """net auto on Fashion-MNIST stays the MNIST LeNet + GCN (the fmnist record's setting);
+    net fmnist_lenet is Deep SAD's network on [0, 1] inputs; the row says which."""
+    train, test = fmnist_like(digits)
+    fast = dict(FAST_AE, ae_epochs=2, epochs=2, batch_size=32)
+    auto = create("dsvdd", fast, RunContext(seed=0))
+    auto.fit(train)
+    rp = auto.resolved_params()
+    assert rp["net"] == "mnist_lenet" and rp["rep_dim"] == 32
+    norm = rp["preprocessing"]["normalisation"]
+    assert norm["kind"] == "gcn_minmax" and norm["source"].lower() == "official constants fashion_mnist/t-shirt/top"
+    assert rp["recipe"].startswith("Deep SVDD (ICML 2018) mnist_LeNet") and "no official Fashion-MNIST" in rp["recipe"]
+    sad = create("dsvdd", dict(fast, net="fmnist_lenet"), RunContext(seed=0))
+    sad.fit(train)
+    rp = sad.resolved_params()
+    assert (rp["net"], rp["rep_dim"], rp["preprocessing"]["normalisation"]["kind"]) == ("fmnist_lenet", 64, "none")
+    assert rp["recipe"].startswith("Deep SAD (ICLR 2020) fmnist_LeNet") and sad.c.shape == (64,)
+    assert not [n for n, _ in sad.net.named_parameters() if "bias" in n]
+    x = sad.inputs(test.images[:4])
+    assert x.shape == (4, 1, 28, 28) and float(x.min()) >= 0 and float(x.max()) <= 1  # ToTensor scale
+    assert np.isfinite(sad.score(test).image).all()
+    # explicit GCN with Deep SAD's net: a real variant, labelled as no published recipe
+    mixed = create("dcae", dict(FAST_AE, ae_epochs=1, net="fmnist_lenet", input_norm="gcn_minmax"), RunContext())
+    mixed.fit(train)
+    assert "no published recipe" in mixed.resolved_params()["recipe"]
+    dcae = create("dcae", dict(FAST_AE, ae_epochs=1, net="fmnist_lenet"), RunContext())
+    dcae.fit(train)
+    assert dcae.resolved_params()["recipe"].startswith("Deep SAD") and np.isfinite(dcae.score(test).image).all()
+
+
+def test_deep_sad_fmnist_lenet_layout():
+    """Deep-SAD-PyTorch src/networks/fmnist_LeNet.py: shapes of every weight, bias-free, 28 -> 64 -> 28."""
+    ae = methods._nets.FmnistLeNetAE().eval()
+    shapes = {k: tuple(v.shape) for k, v in ae.state_dict().items() if k.endswith("weight")}
+    assert shapes == {"encoder.conv1.weight": (16, 1, 5, 5), "encoder.conv2.weight": (32, 16, 5, 5),
+                      "encoder.fc1.weight": (128, 1568), "encoder.fc2.weight": (64, 128),
+                      "fc3.weight": (128, 64), "deconv1.weight": (8, 32, 5, 5),
+                      "deconv2.weight": (32, 16, 5, 5), "deconv3.weight": (16, 1, 5, 5)}
+    assert not [k for k in ae.state_dict() if k.endswith("bias")]
+    x = torch.rand(3, 1, 28, 28)
+    assert ae.encoder(x).shape == (3, 64) and ae(x).shape == (3, 1, 28, 28)
+
+
 def test_dsvdd_and_dcae_share_one_pretraining(digits, monkeypatch):
     calls = []
     real = dcae_mod.train_autoencoder
