@@ -53,7 +53,7 @@ from torch import nn
 
 from data.base import Split
 from data.transforms import Transform
-from methods.backbones import (RESNET_STAGES, extract_features, get_backbone, spec_of,
+from methods.backbones import (BACKBONES, RESNET_STAGES, extract_features, get_backbone, spec_of,
                                spec_of_cheap, weights_tag)
 from methods.base import Method, MethodParams, Scores, check_finite, register
 
@@ -97,13 +97,15 @@ def preset_of(backbone: str) -> dict | None:
 
 
 def weights_of(params: "FastFlowParams") -> tuple[str | None, str]:
-    """(pretrained tag, the timm name the features come from). The tag: the one in ``backbone``
+    """(pretrained tag, the backbone name the features come from). The tag: the one in ``backbone``
     (``wide_resnet50_2.tv_in1k``), else ``pretrained_tag``, else the reference's (``PRESETS``). The
-    name carries it only when timm weights are loaded (not for ``weights: PATH`` or random init)."""
+    name carries it only when timm weights are loaded (not for ``weights: PATH`` or random init) and
+    they are not ``methods.backbones``' default for the name (so other methods' features are shared)."""
     arch, _, in_name = params.backbone.partition(".")
     tag = in_name or params.pretrained_tag or (preset_of(params.backbone) or {}).get("pretrained_tag")
     if params.pretrained and not params.weights and tag:
-        return tag, f"{arch}.{tag}"
+        default = BACKBONES.get(arch)
+        return tag, arch if default is not None and default.timm_name == f"{arch}.{tag}" else f"{arch}.{tag}"
     return tag, arch
 
 

@@ -158,7 +158,9 @@ def test_default_weights_are_the_reference_timm_weights(backbone):
     assert (r["pretrained_tag"], r["timm_model"], r["checkpoint"]) == (tag, f"{backbone}.{tag}", "last")
     assert r["weights_source"] == f"timm {backbone}.{tag}"
     assert get_pretrained_cfg(r["timm_model"]).url.rsplit("/", 1)[1] == fname
-    assert m.affinity_key(m.params) == ("features", f"{backbone}.{tag}", "pretrained", r["image_size"], None)
+    assert m.affinity_key(m.params) == ("features", m.feature_backbone, "pretrained", r["image_size"], None)
+    # named by tag unless it is the shared default weights of the name (ResNet18: torchvision's)
+    assert m.feature_backbone == (backbone if backbone == "resnet18" else f"{backbone}.{tag}")
     # torchvision's WRN50-2 stays an explicit variant, by tag or by name; random init / a file carry no tag
     tv = create("fastflow", {"backbone": backbone, "pretrained_tag": "tv_in1k"}, RunContext()) \
         if backbone == "wide_resnet50_2" else None
