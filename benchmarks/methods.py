@@ -71,12 +71,27 @@ def main() -> None:
 import time  # noqa: E402
 
 ANOMALIB_PYTHON = os.environ.get("ADGRID_ANOMALIB_PYTHON", "/work/venv-anomalib/bin/python")
-# Matched settings: the paper's ResNet18 flow (8 steps, hidden ratio 1, 3x3 convolutions only),
-# the reference optimiser (Adam 1e-3, weight decay 1e-5), batch 32, a random-init backbone (no
-# download), 64 px, on a category whose train set is a multiple of the batch (anomalib keeps the
-# last partial batch, the FastFlow reference drops it: with n_train % 32 == 0 both take the same steps).
-FASTFLOW_MATCHED = dict(backbone="resnet18", pretrained=False, image_size=64, flow_steps=8, hidden_ratio=1.0,
-                        conv3x3_only=True, batch_size=32, lr=1e-3, weight_decay=1e-5)
+# Matched settings, each one passed explicitly to both sides: the paper's ResNet18 flow (8 steps,
+# hidden ratio 1, 3x3 convolutions only, affine clamp 2), the reference optimiser (Adam 1e-3, weight
+# decay 1e-5, both fixed inside anomalib's Fastflow), batch 32, 64 px, the last epoch's model on both
+# sides (anomalib validates nothing here, so no early stopping or best-checkpoint pick), on a category
+# whose train set is a multiple of the batch (anomalib keeps the last partial batch, the FastFlow
+# reference drops it: with n_train % 32 == 0 both take the same steps). Backbone weights: none by
+# default (random init on both sides, nothing to download). These differ from our defaults (WRN50-2,
+# 256 px, 500 epochs, timm's racm WRN50-2 weights). With --pretrained both load timm weights: anomalib
+# calls timm.create_model(backbone, pretrained=True), whose default tag under timm >= 0.9 is
+# resnet18.a1_in1k (timm's ResNet-strikes-back weights, not the torchvision ones the reference's timm
+# 0.5.4 loaded) and wide_resnet50_2.racm_in1k (the reference's); ours is told the tag anomalib's timm
+# reports (ANOMALIB_RESULT "timm_tag"), and the two must agree.
+FASTFLOW_MATCHED = dict(backbone="resnet18", pretrained=False, pretrained_tag=None, image_size=64, flow_steps=8,
+                        hidden_ratio=1.0, conv3x3_only=True, clamp=2.0, batch_size=32, lr=1e-3, weight_decay=1e-5)
+# anomalib's Fastflow: Adam(lr=0.001, weight_decay=0.00001) in configure_optimizers, AllInOneBlock
+# affine_clamping=2.0 in create_fast_flow_block; neither is a constructor argument.
+ANOMALIB_FIXED = dict(lr=1e-3, weight_decay=1e-5, clamp=2.0)
+# timm >= 0.9's default pretrained tag per backbone (what anomalib's timm.create_model(name,
+# pretrained=True) loads); checked against the tag anomalib's run reports.
+ANOMALIB_TIMM_TAGS = {"resnet18": "a1_in1k", "wide_resnet50_2": "racm_in1k",
+                      "deit_base_distilled_patch16_384": "fb_in1k", "cait_m48_448": "fb_dist_in1k"}
 FASTFLOW_DATA = dict(image_size=64, n_train=64, n_test_good=16, n_test_defect=24)
 
 # Runs in anomalib's environment: MVTecAD datamodule on the category's folder (MVTec layout), anomalib's
@@ -98,7 +113,7 @@ import_s = time.perf_counter() - t0
 seed_everything(cfg["seed"], workers=True)
 dm = MVTecAD(root=cfg["root"], category=cfg["category"], train_batch_size=cfg["batch_size"],
              eval_batch_size=cfg["batch_size"], num_workers=0)
-model = Fastflow(backbone=cfg["backbone"], pre_trained=False, flow_steps=cfg["flow_steps"],
+model = Fastflow(backbone=cfg["backbone"], pre_trained=cfg["pretrained"], flow_steps=cfg["flow_steps"],
                  conv3x3_only=cfg["conv3x3_only"], hidden_ratio=cfg["hidden_ratio"],
                  pre_processor=Fastflow.configure_pre_processor((cfg["image_size"], cfg["image_size"])),
                  visualizer=False)
@@ -116,6 +131,7 @@ print("ANOMALIB_RESULT " + json.dumps({
     "fit_s": fit_s, "score_s": test_s, "import_s": import_s, "process_s": time.perf_counter() - t0,
     "image_auroc": float(result.get("image_AUROC", float("nan"))),
     "pixel_auroc": float(result.get("pixel_AUROC", float("nan"))),
+    "timm_tag": (getattr(model.model.feature_extractor, "pretrained_cfg", None) or {}).get("tag"),
     "versions": {"anomalib": __import__("anomalib").__version__, "torch": torch.__version__}}))
 '''
 
@@ -130,12 +146,12 @@ def anomalib_available(python: str = ANOMALIB_PYTHON) -> bool:
 
 
 def run_anomalib_fastflow(root: str, category: str, epochs: int, seed: int, threads: int,
-                          python: str = ANOMALIB_PYTHON) -> dict:
+                          python: str = ANOMALIB_PYTHON, settings: dict = FASTFLOW_MATCHED) -> dict:
     import json
     import subprocess
 
-    keys = ("backbone", "image_size", "flow_steps", "hidden_ratio", "conv3x3_only", "batch_size")
-    cfg = {**{k: FASTFLOW_MATCHED[k] for k in keys}, "root": root, "category": category, "epochs": epochs,
+    keys = ("backbone", "pretrained", "image_size", "flow_steps", "hidden_ratio", "conv3x3_only", "batch_size")
+    cfg = {**{k: settings[k] for k in keys}, "root": root, "category": category, "epochs": epochs,
            "seed": seed, "threads": threads}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t = time.perf_counter()
@@ -150,25 +166,39 @@ def run_anomalib_fastflow(root: str, category: str, epochs: int, seed: int, thre
     return out
 
 
-def run_adgrid_fastflow(category: str, epochs: int, seed: int) -> dict:
+def run_adgrid_fastflow(category: str, epochs: int, seed: int, settings: dict = FASTFLOW_MATCHED) -> dict:
+    import json
+
     from orchestrator.cell import run_cell
     from orchestrator.grid import Cell
 
-    cell = Cell(method="fastflow", params={**FASTFLOW_MATCHED, "epochs": epochs}, dataset="synthetic",
+    cell = Cell(method="fastflow", params={**settings, "epochs": epochs}, dataset="synthetic",
                 dataset_params={**FASTFLOW_DATA, "categories": [category]}, protocol="one_class",
                 normal_class=category, seed=seed)
     row = run_cell(cell)[0]
     if row["status"] != "ok":
         raise RuntimeError(f"adgrid FastFlow failed: {row['error']}\n{row.get('traceback', '')}")
+    resolved = json.loads(row["resolved_params"])
+    if any(resolved[k] != v for k, v in settings.items()):
+        raise RuntimeError(f"adgrid FastFlow resolved other settings: {resolved} vs {settings}")
     return {"fit_s": row["fit_s"], "score_s": row["score_s"], "total_s": row["total_s"],
+            "pretrained_tag": resolved["pretrained_tag"], "checkpoint": resolved["checkpoint"],
             "peak_rss_MiB": row["peak_rss_bytes"] / 2**20, "image_auroc": row["image_auroc"],
             "pixel_auroc": row["pixel_auroc"]}
 
 
+def matched_settings(pretrained: bool = False) -> dict:
+    """FASTFLOW_MATCHED, or with timm weights on both sides: the tag anomalib's timm loads."""
+    if not pretrained:
+        return dict(FASTFLOW_MATCHED)
+    return {**FASTFLOW_MATCHED, "pretrained": True,
+            "pretrained_tag": ANOMALIB_TIMM_TAGS[FASTFLOW_MATCHED["backbone"]]}
+
+
 def fastflow_vs_anomalib(category: str = "weave", epochs: int = 10, seeds: tuple[int, ...] = (0,),
-                         threads: int = 1) -> pd.DataFrame | None:
+                         threads: int = 1, pretrained: bool = False) -> pd.DataFrame | None:
     """Fit + score wall time and AUROC of this FastFlow and anomalib's on one synthetic category at
-    matched settings (FASTFLOW_MATCHED), each seed run by both, alternating. Prints the ratio
+    matched settings (``matched_settings``), each seed run by both, alternating. Prints the ratio
     (target: ours <= 0.8x anomalib's fit + score seconds, image AUROC within 0.03)."""
     import pandas as pd
     import torch
@@ -182,12 +212,17 @@ def fastflow_vs_anomalib(category: str = "weave", epochs: int = 10, seeds: tuple
     params = {**FASTFLOW_DATA, "categories": [category]}
     make_splits("synthetic", params, "one_class", category)  # writes the PNG folder if missing
     root = str(get_dataset("synthetic", params).root())
+    settings = matched_settings(pretrained)
     print(f"FastFlow vs anomalib on {root}/{category} ({FASTFLOW_DATA['n_train']} train images), "
-          f"{epochs} epochs, {threads} thread(s), settings {FASTFLOW_MATCHED}", flush=True)
+          f"{epochs} epochs (last epoch's model on both sides), {threads} thread(s), settings {settings} "
+          f"(anomalib's fixed: {ANOMALIB_FIXED})", flush=True)
     records = []
     for seed in seeds:
-        ours = run_adgrid_fastflow(category, epochs, seed)
-        theirs = run_anomalib_fastflow(root, category, epochs, seed, threads)
+        ours = run_adgrid_fastflow(category, epochs, seed, settings)
+        theirs = run_anomalib_fastflow(root, category, epochs, seed, threads, settings=settings)
+        if pretrained and theirs.get("timm_tag") != ours["pretrained_tag"]:
+            raise RuntimeError(f"weights differ: anomalib's timm loaded {settings['backbone']}."
+                               f"{theirs.get('timm_tag')}, ours {settings['backbone']}.{ours['pretrained_tag']}")
         for impl, r in (("adgrid", ours), ("anomalib", theirs)):
             records.append({"impl": impl, "seed": seed, "fit_s": r["fit_s"], "score_s": r["score_s"],
                             "fit_score_s": r["fit_s"] + r["score_s"],
@@ -214,8 +249,10 @@ def fastflow_main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pretrained", action="store_true",
+                   help="both sides load timm weights (the tag anomalib's timm picks; must be cached)")
     args = p.parse_args()
-    fastflow_vs_anomalib(args.category, args.epochs, tuple(args.seeds), args.threads)
+    fastflow_vs_anomalib(args.category, args.epochs, tuple(args.seeds), args.threads, args.pretrained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +435,7 @@ print("ANOMALIB_RESULT " + json.dumps({
     "peak_rss_MiB": [int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0] / 1024,
     "image_auroc": float(result.get("image_AUROC", float("nan"))),
     "pixel_auroc": float(result.get("pixel_AUROC", float("nan"))),
+    "timm_tag": (getattr(model.model.feature_extractor, "pretrained_cfg", None) or {}).get("tag"),
     "versions": {"anomalib": __import__("anomalib").__version__, "torch": torch.__version__}}))
 '''
 
@@ -446,7 +484,11 @@ def run_adgrid_frozen(method: str, category: str, seed: int, cache=None, params:
                    cache=cache if cache is not None else ArtifactCache(0))[0]
     if row["status"] != "ok":
         raise RuntimeError(f"adgrid {method} failed: {row['error']}\n{row.get('traceback', '')}")
+    resolved = json.loads(row["resolved_params"])
+    if any(resolved[k] != v for k, v in settings.items()):
+        raise RuntimeError(f"adgrid FastFlow resolved other settings: {resolved} vs {settings}")
     return {"fit_s": row["fit_s"], "score_s": row["score_s"], "total_s": row["total_s"],
+            "pretrained_tag": resolved["pretrained_tag"], "checkpoint": resolved["checkpoint"],
             "peak_rss_MiB": row["peak_rss_bytes"] / 2**20, "image_auroc": row["image_auroc"],
             "pixel_auroc": row["pixel_auroc"], "cache_hit": row["feature_cache_hit"],
             "resolved": json.loads(row["resolved_params"])}

@@ -25,7 +25,7 @@ import os
 import socket
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
@@ -79,10 +79,18 @@ NETWORK_PROBE_TIMEOUT_S = 3.0
 
 
 def spec_of(name: str) -> BackboneSpec:
+    """The spec of a short name, or of ``arch.tag`` (a short name's architecture with other timm
+    pretrained weights, e.g. ``wide_resnet50_2.racm_in1k``: same stages, those weights)."""
     if name in BACKBONES:
         return BACKBONES[name]
     import timm
 
+    arch, _, tag = name.partition(".")
+    if tag and arch in BACKBONES:
+        if name not in timm.list_pretrained(name):
+            raise KeyError(f"timm has no pretrained weights {name!r}; tags of {arch}: "
+                           f"{', '.join(timm.list_pretrained(arch + '.*')) or 'none'}")
+        return replace(BACKBONES[arch], timm_name=name)
     if timm.is_model(name.split(".")[0]):  # any other timm model: layers are module names
         return BackboneSpec(name)
     raise KeyError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))} "

@@ -1,7 +1,12 @@
 """FastFlow: Yu et al., "FastFlow: Unsupervised Anomaly Detection and Localization via 2D
 Normalizing Flows", arXiv:2111.07677 (2021), following the re-implementation the anomalib port is
-built on (gathierry/FastFlow: fastflow.py, constants.py, configs/*.yaml).
+built on (gathierry/FastFlow@2cf1f2f4c562a7f13cfb1959e3afe5df2f2d2565: fastflow.py, constants.py,
+main.py, dataset.py, configs/*.yaml, requirements.txt).
 
+* Weights: what ``timm.create_model(name, pretrained=True, ...)`` loaded under the reference's pin
+  timm==0.5.4 (``PRESETS[...]["pretrained_tag"]``): timm's own ``racm_in1k`` WRN50-2 (not
+  torchvision's ``tv_in1k``), torchvision's ResNet18, Facebook's DeiT / CaiT. ``pretrained_tag``
+  picks other timm weights, ``weights: PATH`` a file.
 * Features (Sec. 3, Table 6): a frozen ImageNet backbone. ResNet18 / Wide-ResNet50-2: the outputs
   of layer1, layer2 and layer3 (timm ``out_indices=[1, 2, 3]``), each passed through a trainable
   LayerNorm over (C, H, W) (reference code; not in the paper). DeiT (deit_base_distilled_patch16_384):
@@ -18,7 +23,9 @@ built on (gathierry/FastFlow: fastflow.py, constants.py, configs/*.yaml).
   standard normal p_Z): the loss of a batch is, summed over stages, the batch mean of
   0.5 * ||z||^2 - log|det J| (sum over C, H, W; the constant D/2 log 2 pi dropped), exactly as the
   reference code. Adam, lr 1e-3, weight decay 1e-5, batch 32, 500 epochs (reference constants.py),
-  shuffled batches without the last partial one (``drop_last``).
+  shuffled batches without the last partial one (``drop_last``). The model scored is the last
+  epoch's (``checkpoint: last``): the reference README's "best" column is the maximum over its
+  evaluations on the test set every 10 epochs (main.py ``train``), a selection on the test set.
 * Inference (Sec. 3.3): per stage the map -exp(-0.5 * mean_C(z^2)) (the negative per-position
   likelihood), bilinearly up-sampled (align_corners=False) to the input size, averaged over stages;
   image score = the map's maximum (anomalib's ``pred_score``; the reference code scores pixels only).
@@ -46,24 +53,38 @@ from torch import nn
 
 from data.base import Split
 from data.transforms import Transform
-from methods.backbones import (RESNET_STAGES, extract_features, get_backbone, spec_of,
+from methods.backbones import (BACKBONES, RESNET_STAGES, extract_features, get_backbone, spec_of,
                                spec_of_cheap, weights_tag)
 from methods.base import Method, MethodParams, Scores, check_finite, register
 
 CNN_LAYERS = list(RESNET_STAGES[:3])
 # gathierry/FastFlow configs/*.yaml and fastflow.py (paper Table 6 block indices 7 and 40).
+# ``pretrained_tag``: the weights ``timm.create_model(name, pretrained=True)`` loaded under the
+# reference's pin (requirements.txt: timm==0.5.4; its timm/models/resnet.py, vision_transformer.py and
+# cait.py default_cfgs), as today's timm tag: wide_resnet50_2 -> wide_resnet50_racm-8234f177.pth
+# (timm's own RandAugment / cosine / mixup training, ``racm_in1k``, not torchvision's); resnet18 ->
+# torchvision's resnet18-5c106cde.pth (``tv_in1k``; timm now fetches the same weights as
+# resnet18-f37072fd.pth, while its untagged ``resnet18`` has become ``a1_in1k``); DeiT and CaiT ->
+# Facebook's deit_base_distilled_patch16_384-d0272ac0.pth / M48_448.pth.
 PRESETS: dict[str, dict] = {
-    "resnet18": dict(image_size=256, flow_steps=8, hidden_ratio=1.0, conv3x3_only=True, layers=CNN_LAYERS),
+    "resnet18": dict(image_size=256, flow_steps=8, hidden_ratio=1.0, conv3x3_only=True, layers=CNN_LAYERS,
+                     pretrained_tag="tv_in1k"),
     "wide_resnet50_2": dict(image_size=256, flow_steps=8, hidden_ratio=1.0, conv3x3_only=False,
-                            layers=CNN_LAYERS),
+                            layers=CNN_LAYERS, pretrained_tag="racm_in1k"),
     "deit_base_distilled_patch16_384": dict(image_size=384, flow_steps=20, hidden_ratio=0.16,
-                                            conv3x3_only=False, layers=["blocks.7"]),
+                                            conv3x3_only=False, layers=["blocks.7"], pretrained_tag="fb_in1k"),
     "cait_m48_448": dict(image_size=448, flow_steps=20, hidden_ratio=0.16, conv3x3_only=False,
-                         layers=["blocks.40"]),
+                         layers=["blocks.40"], pretrained_tag="fb_dist_in1k"),
 }
-# A CNN backbone not in PRESETS gets the ResNet settings; a transformer must name its block.
-CNN_FALLBACK = dict(image_size=256, flow_steps=8, hidden_ratio=1.0, conv3x3_only=False, layers=CNN_LAYERS)
+# A CNN backbone not in PRESETS gets the ResNet settings (and methods.backbones' default weights);
+# a transformer must name its block.
+CNN_FALLBACK = dict(image_size=256, flow_steps=8, hidden_ratio=1.0, conv3x3_only=False, layers=CNN_LAYERS,
+                    pretrained_tag=None)
 TRANSFORMER_PREFIXES = ("deit", "vit", "cait")
+# The reference trains NUM_EPOCHS = 500 and evaluates on the test set every EVAL_INTERVAL = 10 epochs
+# (constants.py, main.py train()); its README reports the 500th epoch ("last") and the maximum over
+# those test-set evaluations ("best"). The latter is a selection on the test set: rows are the last.
+CHECKPOINT = "last"
 
 
 def preset_of(backbone: str) -> dict | None:
@@ -73,6 +94,19 @@ def preset_of(backbone: str) -> dict | None:
     if arch.startswith(TRANSFORMER_PREFIXES):
         return None
     return CNN_FALLBACK
+
+
+def weights_of(params: "FastFlowParams") -> tuple[str | None, str]:
+    """(pretrained tag, the backbone name the features come from). The tag: the one in ``backbone``
+    (``wide_resnet50_2.tv_in1k``), else ``pretrained_tag``, else the reference's (``PRESETS``). The
+    name carries it only when timm weights are loaded (not for ``weights: PATH`` or random init) and
+    they are not ``methods.backbones``' default for the name (so other methods' features are shared)."""
+    arch, _, in_name = params.backbone.partition(".")
+    tag = in_name or params.pretrained_tag or (preset_of(params.backbone) or {}).get("pretrained_tag")
+    if params.pretrained and not params.weights and tag:
+        default = BACKBONES.get(arch)
+        return tag, arch if default is not None and default.timm_name == f"{arch}.{tag}" else f"{arch}.{tag}"
+    return tag, arch
 
 
 # ----------------------------------------------------------------------------- the flow
@@ -190,7 +224,8 @@ class FastFlowParams(MethodParams):
 
     backbone: str = "wide_resnet50_2"
     pretrained: bool = True
-    weights: str | None = None
+    pretrained_tag: str | None = None    # timm weights tag: racm_in1k (WRN50-2), tv_in1k (ResNet18)...
+    weights: str | None = None           # a checkpoint file instead of timm's weights
     image_size: int | None = None        # 256 (ResNets), 384 (DeiT), 448 (CaiT)
     layers: list[str] | None = None      # layer1-3 (ResNets), blocks.7 (DeiT), blocks.40 (CaiT)
     flow_steps: int | None = None        # 8 (ResNets), 20 (transformers)
@@ -227,6 +262,16 @@ class FastFlowParams(MethodParams):
     @model_validator(mode="after")
     def _known(self):
         spec_of_cheap(self.backbone)
+        arch, _, in_name = self.backbone.partition(".")
+        if in_name and self.pretrained_tag and in_name != self.pretrained_tag:
+            raise ValueError(f"fastflow: backbone {self.backbone!r} names weights {in_name!r}, "
+                             f"pretrained_tag says {self.pretrained_tag!r}")
+        if self.pretrained_tag:
+            import timm
+
+            if not timm.list_pretrained(f"{arch}.{self.pretrained_tag}"):
+                raise ValueError(f"fastflow: timm has no weights {arch}.{self.pretrained_tag}; tags: "
+                                 f"{[n.partition('.')[2] for n in timm.list_pretrained(arch + '.*')]}")
         if preset_of(self.backbone) is None and self.layers is None:
             raise ValueError(f"fastflow: no paper setting for transformer backbone {self.backbone!r} "
                              f"(known: {sorted(PRESETS)}); give `layers: [blocks.N]`")
@@ -239,6 +284,8 @@ class FastFlow(Method):
     protocols = {"one_class", "unified"}
     paper = ("Yu et al., FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing Flows, "
              "arXiv:2111.07677")
+    reference = ("gathierry/FastFlow@2cf1f2f4c562a7f13cfb1959e3afe5df2f2d2565: fastflow.py, constants.py, "
+                 "main.py, dataset.py, configs/*.yaml, requirements.txt (timm==0.5.4)")
 
     def __init__(self, params: FastFlowParams, ctx):
         super().__init__(params, ctx)
@@ -255,7 +302,9 @@ class FastFlow(Method):
         self.flow_steps: int = pick("flow_steps")
         self.hidden_ratio: float = pick("hidden_ratio")
         self.conv3x3_only: bool = pick("conv3x3_only")
-        self.spec = spec_of(params.backbone)
+        self.pretrained_tag, self.feature_backbone = weights_of(params)
+        self.timm_weights = params.pretrained and not params.weights
+        self.spec = spec_of(self.feature_backbone)
         self.transformer = self.spec.architecture.startswith(TRANSFORMER_PREFIXES)
         self.transform = Transform(resize=self.image_size, crop=None, channels=3,
                                    mean=self.spec.mean, std=self.spec.std)
@@ -267,7 +316,7 @@ class FastFlow(Method):
     def _stage_features(self, split: Split) -> list[torch.Tensor]:
         """Per-stage N×C×h×w CPU tensors (through the shared frozen-feature cache)."""
         p = self.params
-        raw = extract_features(split, self.ctx, backbone=p.backbone, layers=self.layers,
+        raw = extract_features(split, self.ctx, backbone=self.feature_backbone, layers=self.layers,
                                transform=self.transform, pretrained=p.pretrained, weights=p.weights,
                                batch_size=p.feature_batch_size)
         feats = [raw[layer] for layer in self.layers]
@@ -282,7 +331,7 @@ class FastFlow(Method):
         import timm
 
         p, device = self.params, self.ctx.device
-        model = get_backbone(p.backbone, p.pretrained, p.weights, device).model  # loaded for the features
+        model = get_backbone(self.feature_backbone, p.pretrained, p.weights, device).model  # loaded for the features
         prefix = getattr(model, "num_prefix_tokens", 0) \
             if isinstance(model, timm.models.vision_transformer.VisionTransformer) else 0
         n, length, c = tokens.shape
@@ -344,7 +393,11 @@ class FastFlow(Method):
         out = p.model_dump(mode="json")
         out.update(image_size=self.image_size, layers=self.layers, flow_steps=self.flow_steps,
                    hidden_ratio=self.hidden_ratio, conv3x3_only=self.conv3x3_only,
-                   timm_model=self.spec.timm_name if (p.pretrained or p.weights) else self.spec.architecture,
+                   pretrained_tag=self.pretrained_tag if self.timm_weights else None,
+                   timm_model=self.spec.timm_name if self.timm_weights else self.spec.architecture,
+                   weights_source=(f"timm {self.spec.timm_name}" if self.timm_weights
+                                   else "file (weights_sha256)" if p.weights else "random init"),
+                   checkpoint=CHECKPOINT,
                    transform=self.transform.describe(), input_size=self.transform.size,
                    feature_shapes=[list(s) for s in self.shapes] if self.shapes else None,
                    feature_norm="frozen backbone final LayerNorm" if self.transformer
@@ -363,4 +416,4 @@ class FastFlow(Method):
             params = cls.Params(**params)
         preset = preset_of(params.backbone) or {}
         size = params.image_size or preset.get("image_size", 224)
-        return ("features", params.backbone, weights_tag(params), size, None)
+        return ("features", weights_of(params)[1], weights_tag(params), size, None)

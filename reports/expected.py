@@ -53,10 +53,11 @@ CHOICES = {"source_kind": ("paper", "official_code", "reproduction"), "checkpoin
            "ood_group": ("near-ood", "far-ood")}
 INTEGER_COLUMNS = ("image_size", "crop", "epochs", "seeds")
 #: The columns compared with a row's resolved parameters, each with the parameter keys that hold the
-#: row's value (first present wins); ``weights``, ``crop`` and ``params`` have rules of their own.
+#: row's value (first present wins); ``weights`` (the row's ``pretrained_tag``, ``scratch`` when
+#: ``pretrained`` is false), ``crop`` and ``params`` have rules of their own.
 ROW_KEYS = {"backbone": ("backbone", "arch"), "image_size": ("image_size",), "score": ("image_score",),
             "anomaly_source": ("anomaly_source",), "oe_dataset": ("oe_dataset",), "epochs": ("epochs",),
-            "checkpoint": ("checkpoint_rule",), "ood_lists": ("ood_lists",)}
+            "checkpoint": ("checkpoint_rule", "checkpoint"), "ood_lists": ("ood_lists",)}
 COMPARED = ("backbone", "weights", "image_size", "crop", "score", "anomaly_source", "oe_dataset", "epochs",
             "checkpoint", "ood_lists")
 SOURCE_KIND_ORDER = {"paper": 0, "official_code": 1, "reproduction": 2, "": 3}
@@ -291,10 +292,12 @@ def run_setting(params: dict) -> dict:
     params = params or {}
     out = {}
     for column, keys in ROW_KEYS.items():
-        key = next((k for k in keys if params.get(k) is not None), None)
-        if key is not None:
-            out[column] = params[key]
-    weights = params.get("weights_tag")
+        values = [params[k] for k in keys if params.get(k) is not None]
+        if column in CHOICES:   # e.g. a classifier's ``checkpoint`` is a file, not a rule
+            values = [v for v in values if v in CHOICES[column]]
+        if values:
+            out[column] = values[0]
+    weights = params.get("pretrained_tag")
     if params.get("pretrained") is False:
         weights = "scratch"
     if weights is not None:

@@ -366,7 +366,7 @@ def test_a_stated_column_that_differs_is_named_and_an_unstated_one_never_blocks(
     assert differs == ["coreset_ratio: 0.05 vs 0.1"] and value == 0.9916
     # the weights: a run recording timm's racm weights is not the official torchvision run
     value, setting, differs = pick("patchcore", "mvtec", "one_class", "bottle", "image_auroc",
-                                   {**PATCHCORE_PARAMS, "weights_tag": "racm_in1k"})
+                                   {**PATCHCORE_PARAMS, "pretrained_tag": "racm_in1k"})
     assert differs == ["weights: racm_in1k vs tv_in1k"]
     # OrthoAD's README numbers state no backbone: any backbone is compared with them
     assert pick("orthoad", "mvtec", "one_class", "mean", "pro", {"backbone": "efficientnet_b5"})[2] == []
