@@ -348,20 +348,27 @@ def ood_main() -> None:
 # by both sides (two random inits would differ by more than the tolerance), 256 px without crop, the same
 # layers, coreset ratio, 9 re-weighting neighbours, d = n_features = 100 with PaDiM's random subset of
 # dimensions drawn here and given to anomalib's model (one random choice, as one weights file), and
-# PatchCore's ``aggregation: avg_pool`` (anomalib's embedding). Our default embedding, the reference code's
-# unfold and adaptive pooling to 1024 / 1024 (the paper's results), runs beside it as "adgrid-reference",
-# outside the targets. What still differs: PatchCore's coreset sampler (projection and start; both
+# PatchCore's ``aggregation: avg_pool`` (anomalib's embedding) with anomalib's scoring, which is not our
+# default (the reference code's): Eq. 7 re-weighting (``reweight: true``) of L2 distances
+# (``distance: l2``); every frozen method's ground truth through ``mask_resize: nearest`` (at 256 px on
+# 256 px images the masks are not resized, so any rule gives the same masks). Our defaults (the reference
+# code's unfold and adaptive pooling to 1024 / 1024, the plain maximum of squared L2 distances, masks
+# bilinear == 1) run beside it as "adgrid-reference", outside the targets. What still differs: PatchCore's coreset sampler (projection and start; both
 # approximate Algorithm 1, seeded differently), PatchCore's map up-sampling (nearest in anomalib,
 # bilinear here as the reference code; pixel scores only) and the Gaussian blur (kornia's there, scipy's
 # here as both reference codes; PaDiM's image score is the blurred map's maximum). OrthoAD has no anomalib
-# counterpart: it runs at PaDiM's matched settings.
-FROZEN_COMMON = dict(backbone="resnet18", pretrained=False, image_size=256, crop=None)
+# counterpart: it runs at PaDiM's matched settings (every training image: ``hold_out_every: null``, where
+# its default, the reference code's, fits on 90% of them).
+FROZEN_COMMON = dict(backbone="resnet18", pretrained=False, image_size=256, crop=None, mask_resize="nearest")
 FROZEN_MATCHED = {
     "patchcore": {**FROZEN_COMMON, "layers": ["layer2", "layer3"], "coreset_ratio": 0.1, "reweight_neighbors": 9,
-                  "aggregation": "avg_pool"},
+                  "aggregation": "avg_pool", "reweight": True, "distance": "l2"},
     "padim": {**FROZEN_COMMON, "layers": ["layer1", "layer2", "layer3"], "d": 100},
-    "orthoad": {**FROZEN_COMMON, "layers": ["layer1", "layer2", "layer3"]},
+    "orthoad": {**FROZEN_COMMON, "layers": ["layer1", "layer2", "layer3"], "hold_out_every": None},
 }
+# The matched-only settings; without them each method runs at its defaults (the reference code's).
+FROZEN_MATCHED_ONLY = {"patchcore": ("aggregation", "reweight", "distance", "mask_resize"),
+                       "padim": ("mask_resize",), "orthoad": ("hold_out_every", "mask_resize")}
 FROZEN_DATA = dict(image_size=256, n_train=48, n_test_good=16, n_test_defect=24)
 FROZEN_TARGETS = {"patchcore": 0.5, "padim": 0.8}   # our fit + score seconds / anomalib's
 
@@ -384,12 +391,12 @@ def share_random_backbone(folder: Path) -> str:
 
 
 def reference_params(method: str) -> dict:
-    """FROZEN_MATCHED with PatchCore at its own default (reference code) embedding: what a grid runs,
-    so the cache grid uses it, and the comparison shows it beside the matched run."""
-    params = dict(FROZEN_MATCHED[method])
-    if method == "patchcore":
-        params.pop("aggregation")
-    return params
+    """FROZEN_MATCHED less its matched-only settings (FROZEN_MATCHED_ONLY): each method at its own
+    defaults (the reference code's embedding, scoring, training subset and mask rule) on the matched
+    backbone and size: what a grid runs, so the cache grid uses it, and the comparison shows PatchCore's
+    beside the matched run."""
+    drop = FROZEN_MATCHED_ONLY.get(method, ())
+    return {k: v for k, v in FROZEN_MATCHED[method].items() if k not in drop}
 
 
 ANOMALIB_FROZEN_SCRIPT = r'''
@@ -554,7 +561,7 @@ def frozen_vs_anomalib(category: str = "weave", seeds: tuple[int, ...] = (0,), t
                   f"(target |gap| <= 0.03: {'met' if abs(gap) <= 0.03 else 'NOT met'})")
         ref = mean.loc[("patchcore", "adgrid-reference")]
         theirs = mean.loc[("patchcore", "anomalib")]
-        print(f"patchcore with the reference code's embedding (our default; not a like-for-like setting): "
+        print(f"patchcore with the reference code's embedding and scoring (our default; not like-for-like): "
               f"{ref['fit_score_s'] / theirs['fit_score_s']:.2f}x anomalib's time, image AUROC "
               f"{ref['image_auroc'] - theirs['image_auroc']:+.3f}")
     # (2) the grid with and without the shared feature cache

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 
 from data.base import Split
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Transform, to_tensor
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, MASK_RESIZE_RULES, Transform, to_tensor
 from methods.base import Method, MethodParams, RunContext
 
 log = logging.getLogger("adgrid.backbones")
@@ -479,12 +479,20 @@ class FrozenFeatureParams(MethodParams):
     image_size: int = 256
     crop: int | None = 224
     batch_size: int = 32
+    mask_resize: str = "nearest"    # how the orchestrator resizes ground truth (MASK_RESIZE_RULES)
 
     @field_validator("image_size", "batch_size")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v <= 0:
             raise ValueError("must be positive")
+        return v
+
+    @field_validator("mask_resize")
+    @classmethod
+    def _mask_rule(cls, v: str) -> str:
+        if v not in MASK_RESIZE_RULES:
+            raise ValueError(f"mask_resize must be one of {MASK_RESIZE_RULES}")
         return v
 
     @field_validator("layers")
@@ -530,6 +538,7 @@ class FrozenFeatureMethod(Method):
         self.spec = spec
         self.transform = Transform(resize=params.image_size, crop=params.crop, channels=3,
                                    mean=spec.mean, std=spec.std)
+        self.mask_resize = params.mask_resize
 
     def features(self, split: Split, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         p = self.params

@@ -154,6 +154,9 @@ class Method:
     # with pixel maps: the orchestrator maps ground-truth masks through the same resize and
     # centre crop, so masks and maps are aligned.
     transform = None
+    # How the orchestrator resizes ground-truth masks to the maps (data.transforms.MASK_RESIZE_RULES):
+    # PIL's NEAREST unless a method's reference code thresholds a bilinear resize.
+    mask_resize: str = "nearest"
 
     def __init__(self, params: MethodParams, ctx: RunContext):
         self.params = params

@@ -127,13 +127,17 @@ class MahalanobisMapMethod(FrozenFeatureMethod):
     def embed(self, layer_feats: list[torch.Tensor]) -> torch.Tensor:  # B×d×H×W
         raise NotImplementedError
 
-    def _batches(self, split: Split):
+    def _batches(self, split: Split, rows: np.ndarray | None = None):
+        """Embeddings of ``split`` batch by batch; of its images ``rows`` only where given (the
+        features of the whole split stay the cached ones)."""
         feats = self.features(split)
         if self.layer_dims is None:
             self.layer_dims = [int(feats[layer].shape[1]) for layer in self.params.layers]
         bs = self.params.batch_size
-        for s in range(0, len(split), bs):
-            yield self.embed([feats[layer][s:s + bs].to(self.ctx.device) for layer in self.params.layers])
+        n = len(split) if rows is None else len(rows)
+        for s in range(0, n, bs):
+            pick = slice(s, s + bs) if rows is None else torch.from_numpy(rows[s:s + bs])
+            yield self.embed([feats[layer][pick].to(self.ctx.device) for layer in self.params.layers])
 
     def distance_maps(self, test: Split) -> torch.Tensor:
         """N×H×W Mahalanobis distances on the feature grid (before up-sampling)."""

@@ -1,30 +1,42 @@
 """PatchCore: Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022
-(arXiv:2106.08265), following the reference code amazon-science/patchcore-inspection.
+(arXiv:2106.08265), following the reference code amazon-science/patchcore-inspection@
+fcaa92f124fb1ad74a7acf56726decd4b27cbcad: src/patchcore/patchcore.py, common.py, sampler.py,
+datasets/mvtec.py, metrics.py, sample_training.sh (whose IM224 WR50 run made the results.csv that
+reports/expected.csv quotes).
 
 Pipeline (Sec. 3 of the paper; equation numbers as in arXiv v2):
+* input: Resize(256), CenterCrop(224) (datasets/mvtec.py; sample_training.sh --resize 256
+  --imagesize 224);
 * locally aware patch features (Sec. 3.1, Eq. 1-2): the outputs of two mid-level stages
   (WRN50-2 layer2 + layer3) of a frozen ImageNet backbone; each position is aggregated over its
   p×p neighbourhood (p = 3); the deeper map is bilinearly up-sampled to the shallower one; each
   layer's neighbourhood vector is adaptively average-pooled to ``pretrain_embed_dim`` and the
-  stacked layers to ``target_embed_dim`` (1024 / 1024, the reference code's defaults). This stage
+  stacked layers to ``target_embed_dim`` (1024 / 1024, sample_training.sh). This stage
   has no random step, so the embedded patch matrix of a split is cached beside its backbone
   features and shared by every seed; ``aggregation: avg_pool`` is anomalib's variant instead
   (each map p×p average-pooled, zero padding counted, the layers concatenated, no pooling of
   dimensions: D = the sum of the layers' channels), for like-for-like comparisons with it;
 * the memory bank M (Eq. 3-4) is reduced by greedy k-center coreset subsampling (Sec. 3.2,
-  the minimax objective Eq. 5 approximated by Algorithm 1) on a random linear projection
-  (Johnson-Lindenstrauss) to 128 dimensions, starting from the mean distance to 10 random points
-  (the reference ``ApproximateGreedyCoresetSampler``); the seed enters here and only here;
-* scoring (Sec. 3.3, Eq. 6-7): the patch score is the L2 distance to the nearest memory-bank
-  patch (faiss exact search); the image score s* is the maximum patch score, re-weighted by
-  w = 1 - exp||m_test,* - m*|| / sum_{m in N_b(m*)} exp||m_test,* - m|| (Eq. 7);
-  the anomaly map is the patch-score map bilinearly up-sampled to the input size and smoothed with
-  a Gaussian of sigma = 4 px.
+  the minimax objective Eq. 5 approximated by Algorithm 1) to 10% (sample_training.sh -p 0.1)
+  on a random linear projection (Johnson-Lindenstrauss) to 128 dimensions, starting from the mean
+  distance to 10 random points (the reference ``ApproximateGreedyCoresetSampler``); the seed
+  enters here and only here;
+* scoring, as the reference code (``NearestNeighbourScorer`` over ``FaissNN``'s IndexFlatL2,
+  whose search returns squared L2 distances; ``anomaly_scorer_num_nn 1``): the patch score is the
+  squared L2 distance to the nearest memory-bank patch (mean over k neighbours for k > 1), the
+  image score the plain maximum patch score (``PatchMaker.score``), the anomaly map the
+  patch-score map bilinearly up-sampled to the input size and smoothed with a Gaussian of
+  sigma = 4 px (``RescaleSegmentor``);
+* ground truth as the reference's: masks bilinearly resized with the images, and only pixels
+  whose resized value is exactly 1 count as anomalous (metrics.py ``astype(int)``):
+  ``mask_resize: "bilinear==1"``.
 
-Deviations from the reference code: it does not re-weight the image score (``reweight: false``
-reproduces its plain maximum), and it scores with faiss' squared L2 distance where the paper's
-Eq. 6 (used here) has the L2 norm; with one neighbour that changes no image-score ranking, only
-the smoothed maps slightly.
+The paper's variants, as options: ``distance: l2`` (Eq. 6 has the L2 norm; squaring changes no
+image-score ranking, only the smoothed maps), ``reweight: true`` (Eq. 7's image score
+s = w·s*, w = 1 - exp||m_test,* - m*|| / sum_{m in N_b(m*)} exp||m_test,* - m||, with L2 norms
+whatever ``distance``; the reference code does not re-weight). anomalib re-weights, with L2.
+Left out: the reference min-max normalises scores and maps over the test set (monotone for one
+model, no effect on AUROC).
 """
 from __future__ import annotations
 
@@ -116,14 +128,15 @@ def make_index(dim: int, device: str):
 
 
 def knn(index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L2 distances, indices) of the k nearest memory-bank entries (faiss returns squared L2)."""
+    """(squared L2 distances, as faiss returns them, indices) of the k nearest memory-bank entries."""
     q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
     d2, idx = index.search(q, k)
-    return torch.from_numpy(np.sqrt(np.maximum(d2, 0))), torch.from_numpy(idx)
+    return torch.from_numpy(d2), torch.from_numpy(idx)
 
 
 # ----------------------------------------------------------------------------- method
 AGGREGATIONS = ("reference", "avg_pool")
+DISTANCES = ("squared_l2", "l2")
 
 
 class PatchCoreParams(FrozenFeatureParams):
@@ -135,10 +148,12 @@ class PatchCoreParams(FrozenFeatureParams):
     coreset_ratio: float = 0.1          # |M_C| / |M|, 10% in the paper's main results
     coreset_projection_dim: int | None = 128
     coreset_start_points: int = 10
-    num_neighbors: int = 1              # k of the patch score (1 in the paper)
-    reweight: bool = True               # Eq. 7
+    num_neighbors: int = 1              # k of the patch score (1 in the paper, sample_training.sh)
+    distance: str = "squared_l2"        # patch score: faiss' squared L2 (reference) | l2 (Eq. 6)
+    reweight: bool = False              # Eq. 7 (paper, anomalib); the reference code takes the max
     reweight_neighbors: int = 9         # b = |N_b(m*)| of Eq. 7 (anomalib's default)
     sigma: float = 4.0                  # Gaussian smoothing of the anomaly map, px
+    mask_resize: str = "bilinear==1"    # ground truth as the reference's metrics.py reads it
 
     @field_validator("coreset_ratio")
     @classmethod
@@ -162,6 +177,13 @@ class PatchCoreParams(FrozenFeatureParams):
             raise ValueError("patch_size must be odd (the neighbourhood is centred on its patch)")
         return v
 
+    @field_validator("distance")
+    @classmethod
+    def _distance(cls, v: str) -> str:
+        if v not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}")
+        return v
+
     @field_validator("aggregation")
     @classmethod
     def _aggregation(cls, v: str) -> str:
@@ -175,6 +197,9 @@ class PatchCore(FrozenFeatureMethod):
     Params = PatchCoreParams
     protocols = {"one_class", "unified"}
     paper = "Roth et al., Towards Total Recall in Industrial Anomaly Detection, CVPR 2022"
+    reference = ("amazon-science/patchcore-inspection@fcaa92f124fb1ad74a7acf56726decd4b27cbcad: "
+                 "src/patchcore/patchcore.py, src/patchcore/common.py, src/patchcore/sampler.py, "
+                 "src/patchcore/datasets/mvtec.py, src/patchcore/metrics.py, sample_training.sh")
 
     def __init__(self, params: PatchCoreParams, ctx):
         super().__init__(params, ctx)
@@ -263,8 +288,9 @@ class PatchCore(FrozenFeatureMethod):
         for s in range(0, len(test_emb), p.batch_size):
             emb = test_emb[s:s + p.batch_size].flatten(1, 2).to(self.ctx.device)
             b, L, D = emb.shape
-            dist, nn_idx = knn(self.index, emb.reshape(-1, D), k)
-            patch = dist.mean(1).reshape(b, L)
+            d2, nn_idx = knn(self.index, emb.reshape(-1, D), k)
+            dist = d2.clamp_min(0).sqrt()
+            patch = (d2 if p.distance == "squared_l2" else dist).mean(1).reshape(b, L)
             j = patch.argmax(1)
             s_star = patch[torch.arange(b), j]
             if p.reweight:
@@ -290,7 +316,9 @@ class PatchCore(FrozenFeatureMethod):
 
     def resolved_params(self) -> dict:
         out = super().resolved_params()
-        out.update(distance="l2", nn_index="faiss.IndexFlatL2 (GPU when cuda)",
+        out.update(nn_index="faiss.IndexFlatL2 (GPU when cuda)",
+                   image_score=("Eq. 7 re-weighted maximum patch score" if self.params.reweight
+                                else "maximum patch score (reference code)"),
                    embedding_dim=None if self.memory_bank is None else int(self.memory_bank.shape[1]),
                    coreset="approximate greedy k-center, Gaussian projection",
                    memory_bank_size=self.bank_size,

@@ -96,8 +96,8 @@ def as_pixel_pair(masks, maps) -> tuple[np.ndarray, np.ndarray]:
         if bad.any():
             raise MetricError(
                 f"masks must be binary (0/1); {int(bad.sum())} pixel(s) hold other values, "
-                f"e.g. {m[bad][0]!r}: resize masks with nearest-neighbour interpolation "
-                "or threshold them"
+                f"e.g. {m[bad][0]!r}: resize masks with data.transforms.resize_masks "
+                "(PIL nearest, or a thresholded bilinear resize)"
             )
         m = m == 1
     return m, a

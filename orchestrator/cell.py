@@ -97,7 +97,7 @@ def sample_maps_blob(test, scores, masks_small, transform=None) -> bytes | None:
            "maps": maps.numpy().astype(np.float16), "labels": labels[picks].astype(np.int8)}
     if masks_small is not None:
         m = torch.as_tensor(masks_small[picks], dtype=torch.float32)[:, None]
-        out["masks"] = (F.interpolate(m, size=(SAMPLE_SIDE, SAMPLE_SIDE), mode="nearest")[:, 0] > 0.5).numpy()
+        out["masks"] = (F.interpolate(m, size=(SAMPLE_SIDE, SAMPLE_SIDE), mode="nearest-exact")[:, 0] > 0.5).numpy()
     buf = io.BytesIO()
     np.savez_compressed(buf, **out)
     return buf.getvalue()
@@ -155,7 +155,8 @@ def run_cell(cell: Cell, *, run_id: str = "", attempt: int = 1, device: str = "c
             if scores.pixel is not None and test.masks is not None:
                 t = method.transform
                 masks_small = resize_masks(test.masks, tuple(np.asarray(scores.pixel).shape[1:]),
-                                           crop=getattr(t, "crop", None), resize=getattr(t, "resize", None))
+                                           crop=getattr(t, "crop", None), resize=getattr(t, "resize", None),
+                                           rule=method.mask_resize)
             metric_values = evaluate(np.asarray(test.labels), np.asarray(scores.image, dtype=np.float64),
                                      masks=masks_small, pixel=scores.pixel, pred=scores.pred,
                                      targets=np.asarray(test.targets))

@@ -11,7 +11,8 @@ from data.base import Split
 from methods.base import ArtifactCache, RunContext, create
 from methods.padim import gaussian_fit, mahalanobis, precision_from_cov, upsample_concat
 from methods.patchcore import coreset_size, greedy_coreset, greedy_k_center, pairwise_l2
-from methods.orthoad import semi_orthogonal
+from methods.orthoad import fitted_rows, semi_orthogonal
+from data.transforms import resize_masks
 
 S = 64
 TINY = dict(backbone="resnet18", pretrained=False, image_size=S, crop=None, batch_size=64)
@@ -161,11 +162,11 @@ def test_coreset_sizes_and_seeds():
 def test_patchcore_memory_bank_and_reweighting(splits, cache):
     tr, te = splits
     p = dict(TINY, coreset_ratio=0.25)
-    m = create("patchcore", p, RunContext(seed=0, cache=cache))
+    m = create("patchcore", dict(p, reweight=True, distance="l2"), RunContext(seed=0, cache=cache))
     m.fit(tr)
     assert len(m.memory_bank) == int(m.bank_size * 0.25)
     assert m.bank_size == len(tr) * 8 * 8  # layer2 grid of a 64 px input
-    plain = create("patchcore", dict(p, reweight=False), RunContext(seed=0, cache=cache))
+    plain = create("patchcore", dict(p, distance="l2"), RunContext(seed=0, cache=cache))
     plain.fit(tr)
     s_w, s_p = m.score(te), plain.score(te)
     np.testing.assert_allclose(s_w.pixel, s_p.pixel)
@@ -175,6 +176,11 @@ def test_patchcore_memory_bank_and_reweighting(splits, cache):
     emb, hw = plain.embed([feats[layer] for layer in plain.params.layers])
     d = torch.cdist(emb.reshape(-1, emb.shape[-1]).double(), plain.memory_bank.double()).min(1).values
     np.testing.assert_allclose(s_p.image, d.reshape(len(te), -1).max(1).values.numpy(), rtol=1e-4)
+    # the default (the reference code's): the same maximum, of squared distances, no re-weighting
+    ref = create("patchcore", p, RunContext(seed=0, cache=cache))
+    ref.fit(tr)
+    np.testing.assert_allclose(ref.score(te).image, d.reshape(len(te), -1).max(1).values.square().numpy(),
+                               rtol=1e-4)
     other_seed = create("patchcore", p, RunContext(seed=1, cache=cache))
     other_seed.fit(tr)
     assert not torch.equal(other_seed.memory_bank, m.memory_bank)
@@ -313,7 +319,8 @@ def test_orthoad_projection_equals_direct_formula(splits, cache):
     assert m.prec.shape == (16 * 16, 12, 12)  # memory grows with k, not with F = 448
     maps = m.distance_maps(te).numpy()
     W = m.W.double().numpy()
-    x_tr = upsample_concat([m.features(tr)[layer] for layer in m.params.layers]).double().numpy()
+    kept = [i for i in range(len(tr)) if i % 10]  # the reference's training 90%
+    x_tr = upsample_concat([m.features(tr)[layer] for layer in m.params.layers]).double().numpy()[kept]
     x_te = upsample_concat([m.features(te)[layer] for layer in m.params.layers]).double().numpy()
     for (y, x) in [(0, 0), (7, 3), (15, 15)]:
         xs = x_tr[:, :, y, x]                              # N×F, full width
@@ -339,3 +346,95 @@ def test_same_seed_same_scores(splits, cache):
         a.fit(tr)
         b.fit(tr)
         np.testing.assert_allclose(a.score(te).image, b.score(te).image, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- reference defaults
+def test_orthoad_reference_frame_split_and_masks():
+    """jnhwkim/orthoad dataset.py: Resize(256) + CenterCrop(256) (the whole frame: a 64×64
+    layer1 grid, maps at 256), every 10th training image held out, masks bilinear > 0.5."""
+    oa = create("orthoad", None, RunContext())
+    assert (oa.transform.resize, oa.transform.crop, oa.transform.size) == (256, None, 256)
+    assert oa.mask_resize == "bilinear>0.5" and oa.params.hold_out_every == 10
+    rng = np.random.default_rng(5)
+    tr = Split(textures(12, rng, 256), np.zeros(12, np.int64), np.zeros(12, np.int64), ["tex"], key="tex256/train")
+    m = create("orthoad", dict(backbone="resnet18", pretrained=False, k=8), RunContext(seed=0))
+    m.fit(tr)
+    rp = m.resolved_params()
+    assert rp["feature_map"] == [64, 64] and rp["crop"] is None and rp["input_size"] == 256
+    assert (rp["train_images_fitted"], rp["train_images_held_out"]) == (10, 2)  # indices 0 and 10 out
+    assert rp["mask_resize"] == "bilinear>0.5"
+    x = upsample_concat([m.features(tr)[layer] for layer in m.params.layers]).double()
+    z = torch.einsum("nchw,ck->nkhw", x[[i for i in range(12) if i % 10]], m.W.double())
+    mu = z.mean(0).reshape(8, -1).T  # HW x k
+    np.testing.assert_allclose(m.mean.double().numpy(), mu.numpy(), rtol=1e-4, atol=1e-5)
+    every = create("orthoad", dict(backbone="resnet18", pretrained=False, k=8, hold_out_every=None),
+                   RunContext(seed=0))
+    every.fit(tr)
+    assert every.resolved_params()["train_images_fitted"] == 12
+
+
+def test_fitted_rows_per_category():
+    """The reference holds out within each category (``merge_categories`` concatenates
+    per-category datasets, each splitting its own sorted files)."""
+    t = np.array([0] * 12 + [1] * 5)
+    assert fitted_rows(t, 10).tolist() == [i for i in range(12) if i not in (0, 10)] + [13, 14, 15, 16]
+    assert fitted_rows(t, None).tolist() == list(range(17))
+    with pytest.raises(Exception):
+        create("orthoad", {"hold_out_every": 1}, RunContext())
+
+
+def test_patchcore_reference_defaults():
+    """amazon-science/patchcore-inspection sample_training.sh (IM224 WR50, the results.csv the
+    expected numbers quote): resize 256 / crop 224, layer2+3, 1024 > 1024, p = 3, 10% coreset,
+    one neighbour; common.py: faiss squared L2, plain max, sigma 4; masks bilinear, == 1."""
+    pc = create("patchcore", None, RunContext())
+    p = pc.params
+    assert (p.reweight, p.distance, p.num_neighbors, p.sigma) == (False, "squared_l2", 1, 4.0)
+    assert (pc.transform.resize, pc.transform.crop, p.layers, p.patch_size) == (256, 224, ["layer2", "layer3"], 3)
+    assert (p.pretrain_embed_dim, p.target_embed_dim, p.coreset_ratio) == (1024, 1024, 0.1)
+    assert pc.mask_resize == "bilinear==1" and pc.resolved_params()["mask_resize"] == "bilinear==1"
+    assert create("padim", None, RunContext()).mask_resize == "nearest"
+    assert "fcaa92f124fb1ad74a7acf56726decd4b27cbcad" in pc.reference
+    assert "c7eff1739f12038acd8286fc5c4c85581877b826" in create("orthoad", None, RunContext()).reference
+
+
+def _pil_masks(masks, size, resample, resize=None, crop=None):
+    from PIL import Image
+
+    out = []
+    for m in masks:
+        img = Image.fromarray((m * 255).astype(np.uint8))
+        if resize is not None:
+            img = img.resize((resize, resize), resample)
+            off = (resize - crop) // 2
+            img = img.crop((off, off, off + crop, off + crop))
+        out.append(np.asarray(img.resize((size, size), resample) if img.size != (size, size) else img))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("src,dst", [(1024, 256), (1024, 224), (900, 64), (256, 48), (37, 64), (64, 7)])
+def test_masks_resize_like_pil_nearest(src, dst):
+    """torch's "nearest" samples half a pixel up-left of PIL's NEAREST (the reference codes'),
+    and "nearest-exact" still differs where a pixel centre falls on a source border (1024 -> 224)."""
+    rng = np.random.default_rng(src + dst)
+    masks = (rng.random((3, src, src)) < 0.4).astype(np.uint8)
+    np.testing.assert_array_equal(resize_masks(masks, dst), _pil_masks(masks, dst, 0) // 255)
+
+
+def test_masks_resize_crop_and_bilinear_rules_like_pil():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 300, 300), np.uint8)
+    for m in masks:
+        y, x, h, w = rng.integers(20, 150, 4)
+        m[y:y + h, x:x + w] = 1
+    near = _pil_masks(masks, 224, Image.NEAREST, resize=256, crop=224) // 255
+    np.testing.assert_array_equal(resize_masks(masks, 224, crop=224, resize=256), near)
+    bil = _pil_masks(masks, 224, Image.BILINEAR, resize=256, crop=224)
+    np.testing.assert_array_equal(resize_masks(masks, 224, crop=224, resize=256, rule="bilinear==1"), bil == 255)
+    np.testing.assert_array_equal(resize_masks(masks, 224, crop=224, resize=256, rule="bilinear>0.5"),
+                                  bil.astype(np.float32) / 255 > 0.5)
+    assert (bil == 255).sum() < near.sum() < (bil > 0).sum()  # the rules differ at the borders
+    with pytest.raises(ValueError, match="mask resize rule"):
+        resize_masks(masks, 32, rule="bicubic")
