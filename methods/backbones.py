@@ -566,8 +566,10 @@ class FrozenFeatureMethod(Method):
 
     def resolved_params(self) -> dict:
         out = self.params.model_dump(mode="json")
+        pretrained = self.params.pretrained and not self.params.weights
         out.update(timm_model=self.spec.timm_name if (self.params.pretrained or self.params.weights)
                    else self.spec.architecture,
+                   pretrained_tag=(self.spec.timm_name.partition(".")[2] or None) if pretrained else None,
                    transform=self.transform.describe(), input_size=self.transform.size)
         return out
 

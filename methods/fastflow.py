@@ -405,7 +405,7 @@ class FastFlow(Method):
                    optimizer="Adam", batches_per_epoch=self.n_batches, drop_last=True,
                    loss="sum over stages of batch-mean(0.5*||z||^2 - log|det J|)",
                    anomaly_map="mean over stages of -exp(-0.5*mean_C(z^2)), bilinear to input",
-                   image_score="max of the anomaly map",
+                   image_score="max", image_score_rule="max of the anomaly map",
                    flow="FrEIA SequenceINN of AllInOneBlock (permute_soft=False), subnet conv-ReLU-conv, "
                         + ("3x3 only" if self.conv3x3_only else "3x3 / 1x1 alternating"))
         return out

@@ -333,7 +333,7 @@ class KDAD(Method):
             source="VGG-16 features (frozen)", source_weights=self.weights_id,
             cloner_cfg=CLONER_CFG[self.params.cloner], cloner_bias=False, cloner_batch_norm=True,
             optimizer="Adam", loss="sum over critical layers of (1 - cos) + lamda * MSE (official weighting)",
-            image_score=f"L_total over {self.params.score_layers}",
+            image_score="l_total", image_score_rule=f"L_total over {self.params.score_layers}",
             pixel_scores=("none" if self.params.localization == "none" else
                           f"{self.params.localization} of L_total w.r.t. the input, sum |.| over channels, "
                           f"gaussian sigma {self.params.sigma}, opening {self.params.opening}, "

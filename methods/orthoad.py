@@ -163,6 +163,6 @@ class OrthoAD(MahalanobisMapMethod):
                    covariance="biased (1/N) covariance of W^T x + eps*I per position",
                    layer_dims=self.layer_dims, embedding_dims=sum(self.layer_dims) if self.layer_dims else None,
                    feature_map=list(self.feature_hw) if self.feature_hw else None,
-                   image_score="max of the smoothed anomaly map",
+                   image_score="max", image_score_rule="max of the smoothed anomaly map",
                    train_images_fitted=self.n_fitted, train_images_held_out=self.n_held_out)
         return out

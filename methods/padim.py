@@ -197,5 +197,5 @@ class PaDiM(MahalanobisMapMethod):
         out.update(d=self.d, covariance="unbiased sample covariance + eps*I per position",
                    layer_dims=self.layer_dims, embedding_dims=sum(self.layer_dims) if self.layer_dims else None,
                    feature_map=list(self.feature_hw) if self.feature_hw else None,
-                   image_score="max of the smoothed anomaly map")
+                   image_score="max", image_score_rule="max of the smoothed anomaly map")
         return out

@@ -317,8 +317,9 @@ class PatchCore(FrozenFeatureMethod):
     def resolved_params(self) -> dict:
         out = super().resolved_params()
         out.update(nn_index="faiss.IndexFlatL2 (GPU when cuda)",
-                   image_score=("Eq. 7 re-weighted maximum patch score" if self.params.reweight
-                                else "maximum patch score (reference code)"),
+                   image_score="reweighted" if self.params.reweight else "max",
+                   image_score_rule=("Eq. 7 re-weighted maximum patch score" if self.params.reweight
+                                     else "maximum patch score (reference code)"),
                    embedding_dim=None if self.memory_bank is None else int(self.memory_bank.shape[1]),
                    coreset="approximate greedy k-center, Gaussian projection",
                    memory_bank_size=self.bank_size,

@@ -930,3 +930,19 @@ def test_the_fashion_mnist_record_keeps_its_verdicts():
     assert round(100 * repro.loc["fcdd_ae", "measured"], 1) == 81.7
     means = boards[boards["is_mean"] & (boards["metric"] == "image_auroc")].set_index("variant")
     assert (means.drop(index="fcdd_ae")["status"] == "no reference").all()
+
+
+def test_default_runs_are_compared_with_their_reference_codes_numbers():
+    """What the methods resolve by default states the columns the official numbers are keyed on:
+    PatchCore's plain-maximum score and 10% coreset meet the official results.csv with no difference;
+    re-weighting (the paper's Eq. 7) is a setting the official number is not."""
+    from methods import create
+    from methods.base import RunContext
+
+    params = create("patchcore", {}, RunContext()).resolved_params()
+    assert (params["image_score"], params["pretrained_tag"]) == ("max", "tv_in1k")
+    value, setting, differs = pick("patchcore", "mvtec", "one_class", "bottle", "image_auroc", params)
+    assert (value, differs) == (1.0, []) and "results.csv" in setting
+    reweighted = create("patchcore", {"reweight": True}, RunContext()).resolved_params()
+    assert pick("patchcore", "mvtec", "one_class", "bottle", "image_auroc", reweighted)[2] == [
+        "score: reweighted vs max"]
