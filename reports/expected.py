@@ -318,10 +318,13 @@ def differences(ref, params: dict) -> tuple[list[str], int]:
             continue
         if column not in ours:
             continue
-        if _same(ours[column], _text(theirs)):
+        mine = ours[column]
+        if column == "backbone":   # the architecture; its weights are the ``weights`` column's
+            mine, theirs = str(mine).partition(".")[0], str(theirs).partition(".")[0]
+        if _same(mine, _text(theirs)):
             matched += 1
         else:
-            differ.append(f"{column}: {_text(ours[column])} vs {_text(theirs)}")
+            differ.append(f"{column}: {_text(mine)} vs {_text(theirs)}")
     for key, theirs in parse_params(ref.get("params") or "").items():
         if key in (params or {}) and _same(params[key], theirs):
             matched += 1
