@@ -69,12 +69,12 @@ def private_auth_token(create: bool) -> Path | None:
     random bits, hex, ``authentication_token_generator.py``); a file that exists is set to 0600.
     Nothing to do where ``RAY_AUTH_MODE`` is not ``token`` (unset means token for a local run) or the
     token comes from ``RAY_AUTH_TOKEN``; a ``RAY_AUTH_TOKEN_PATH`` file is tightened, never created."""
-    mode = os.environ.get("RAY_AUTH_MODE", "token" if create else "").lower()
     if os.environ.get("RAY_AUTH_TOKEN"):
         return None
     custom = os.environ.get("RAY_AUTH_TOKEN_PATH")
     path = Path(custom) if custom else Path.home() / ".ray" / "auth_token"
-    if create and mode == "token" and not custom and not path.exists():
+    token_mode = os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
+    if create and token_mode and not custom and not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -99,8 +99,8 @@ def _loopback_node(ip: str):
     Ray binds its servers to loopback only where the node address is exactly 127.0.0.1
     (``is_localhost``: 127.0.0.1, ::1 or localhost), on every interface otherwise, 127.0.0.2
     included: the dashboard agent's gRPC (dashboard/agent.py ``grpc_ip``), the metrics exports of the
-    agent and of the dashboard (reporter_agent.py ``address=``, dashboard/head.py
-    ``start_http_server``), and, as measured with ``ss -ltnp``, the gRPC servers of the GCS, the
+    agent, of the dashboard and of the autoscaler monitor (reporter_agent.py ``address=``,
+    dashboard/head.py and autoscaler/_private/monitor.py ``start_http_server``), and, as measured with ``ss -ltnp``, the gRPC servers of the GCS, the
     raylet, the driver and every worker. ``ray.init`` however replaces 127.0.0.1 by the machine's
     network address (services.py ``resolve_ip_for_localhost`` -> ``get_node_ip_address``) unless
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (ray_constants.py ``ENABLE_RAY_CLUSTER``, read when ray is
