@@ -184,7 +184,7 @@ def ray_pids() -> set[int]:
     return {me.pid} | {p.pid for p in me.children(recursive=True)}
 
 
-def test_a_local_run_listens_on_loopback_only(ray_local):
+def test_a_local_run_listens_on_loopback_only(ray_local, tmp_path):
     """While a worker actor runs a cell, no socket of the local Ray (GCS, raylet, driver, workers,
     dashboard agent's HTTP and gRPC, runtime-env agent, metrics exports) listens outside loopback:
     on the default node address 127.0.0.1 Ray binds them all there. 127.0.0.2 put the GCS, the
@@ -196,7 +196,7 @@ def test_a_local_run_listens_on_loopback_only(ray_local):
     from orchestrator.worker import Worker
 
     assert ray_local.util.get_node_ip_address() == "127.0.0.1"
-    grid = load_grid(write_grid(Path(tempfile.mkdtemp()) / "g.yaml",
+    grid = load_grid(write_grid(tmp_path / "g.yaml",
                                 grid_text("net", "- name: noop\n  params: {sleep_s: 4}\n", classes="[0]")))
     cell = expand(grid).cells[0]
     worker = ray_local.remote(num_cpus=1)(Worker).remote(0, False, 1)
