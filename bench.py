@@ -64,8 +64,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results folder (default: results/)")
     p.add_argument("--run", help="run name (default: the grid's name)")
     p.add_argument("--address", help="existing Ray cluster: auto or HOST:PORT")
-    p.add_argument("--node-ip", help="node address of a local Ray (default 127.0.0.2, or the next free "
-                   "loopback address where another local Ray runs on it)")
+    p.add_argument("--node-ip", help="node address of a local Ray (default 127.0.0.1, the one address on "
+                   "which all of Ray's servers listen on loopback alone)")
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="restrict the grid (method=, dataset=, class=, seed=, protocol=); repeatable")
     p.add_argument("--dry-run", action="store_true", help="print the cells and start nothing")
@@ -149,14 +149,19 @@ def cmd_run(argv: list[str]) -> int:
     print(f"grid {grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run"
           f" -> {store.rows_dir}")
     if todo:
-        from orchestrator.runner import DEFAULT_NODE_IP, Runner, free_node_ip, start_ray
+        from orchestrator.runner import DEFAULT_NODE_IP, Runner, node_ip_free, start_ray
 
-        node_ip = args.node_ip
-        if node_ip is None and not (args.address or os.environ.get("RAY_ADDRESS")):
-            node_ip = free_node_ip(DEFAULT_NODE_IP)
+        node_ip = args.node_ip or DEFAULT_NODE_IP
+        with_dashboard = True
+        if not (args.address or os.environ.get("RAY_ADDRESS")):
             if node_ip != DEFAULT_NODE_IP:
-                print(f"another local Ray runs on {DEFAULT_NODE_IP}: this one starts on {node_ip}")
-        dashboard = start_ray(args.address, node_ip=node_ip or DEFAULT_NODE_IP)
+                print(f"node address {node_ip}: Ray's servers listen on every interface (only "
+                      f"{DEFAULT_NODE_IP} keeps them on loopback)")
+            if not node_ip_free(node_ip):
+                with_dashboard = False
+                print(f"another local Ray holds {node_ip}:52365 (its dashboard agent): this run starts "
+                      "without a dashboard, which would show that run's logs and metrics")
+        dashboard = start_ray(args.address, node_ip=node_ip, dashboard=with_dashboard)
         if dashboard:
             print(f"Ray dashboard: {dashboard}")
         runner = Runner(todo, store, run_id=run_name, max_attempts=args.max_attempts,

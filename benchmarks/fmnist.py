@@ -58,10 +58,10 @@ def benchmark_cells(grid_path: str, only: list[str], epochs: int):
 
 def run_grid(cells, workers: int) -> tuple[float, dict]:
     """Wall seconds of the orchestrator over ``cells`` and each cell's row."""
-    from orchestrator.runner import Runner, free_node_ip, start_ray
+    from orchestrator.runner import Runner, start_ray
     from orchestrator.store import RowStore
 
-    start_ray(node_ip=free_node_ip(), num_cpus=workers, dashboard=False)
+    start_ray(num_cpus=workers, dashboard=False)
     with tempfile.TemporaryDirectory() as tmp:
         store = RowStore(Path(tmp) / "fmnist-bench")
         t0 = time.perf_counter()

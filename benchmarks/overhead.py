@@ -81,9 +81,9 @@ def main() -> None:
                    "is per trial either way)")
     args = p.parse_args()
 
-    from orchestrator.runner import free_node_ip, start_ray
+    from orchestrator.runner import start_ray
 
-    start_ray(node_ip=free_node_ip(), num_cpus=args.workers, dashboard=False)
+    start_ray(num_cpus=args.workers, dashboard=False)
     cells = make_cells(args.cells, args.sleep)
     ours = run_ours(cells, args.workers)
     print(f"adgrid (Ray Core actors): {args.cells} cells x {args.sleep * 1e3:.0f} ms on {args.workers} workers")

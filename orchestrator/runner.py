@@ -9,11 +9,13 @@ arrives, so killing the driver loses only the cells in flight.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from orchestrator.grid import Cell
 from orchestrator.store import RowStore
 from orchestrator.worker import Worker
 
-DEFAULT_NODE_IP = "127.0.0.2"
+DEFAULT_NODE_IP = "127.0.0.1"  # the one node address on which Ray's servers bind to loopback alone
 DEFAULT_CACHE_BYTES = 4 << 30
 POLL_S = 0.25
 PIPELINE = 2  # cells in flight per worker: the next one waits in the actor's queue ...
@@ -43,10 +45,10 @@ def git_sha(repo: Path | None = None) -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def node_ip_free(ip: str) -> bool:
-    """Whether no Ray runs on node address ``ip`` here: its dashboard agent's fixed port (52365,
-    which ``ray.init`` cannot move) is free. A second local Ray on a taken address starts, but
-    without its agent's HTTP service, so its dashboard shows no logs or node metrics."""
+def node_ip_free(ip: str = DEFAULT_NODE_IP) -> bool:
+    """Whether no other Ray's dashboard agent holds its fixed HTTP port (52365, which ``ray.init``
+    cannot move) on ``ip``. Where one does, a second local Ray still starts, but its dashboard would
+    ask that other run's agent for logs and node metrics."""
     from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -57,22 +59,82 @@ def node_ip_free(ip: str) -> bool:
     return True
 
 
-def free_node_ip(preferred: str = DEFAULT_NODE_IP) -> str:
-    """``preferred``, or where another local Ray already runs there (a second grid on one machine),
-    the next loopback address 127.0.0.x that has none."""
-    if node_ip_free(preferred):
-        return preferred
-    for last in range(int(preferred.rsplit(".", 1)[1]) + 1, 255):
-        candidate = f"127.0.0.{last}"
-        if node_ip_free(candidate):
-            return candidate
-    return preferred
+def private_auth_token(create: bool) -> Path | None:
+    """Ray's token file, readable by its owner alone; returns its path (None: no file is used).
+
+    Ray 2.60 turns token authentication on for a new local ``ray.init`` and writes a fresh token to
+    ``~/.ray/auth_token`` with the default umask, 0644 (authentication_token_setup.py:
+    ``generate_and_save_token``): any local user could read it and use the cluster. With ``create``
+    (a local run) the token is written here first, 0600 in a 0700 folder, as Ray would write it (256
+    random bits, hex, ``authentication_token_generator.py``); a file that exists is set to 0600.
+    Nothing to do where ``RAY_AUTH_MODE`` is not ``token`` (unset means token for a local run) or the
+    token comes from ``RAY_AUTH_TOKEN``; a ``RAY_AUTH_TOKEN_PATH`` file is tightened, never created."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    custom = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(custom) if custom else Path.home() / ".ray" / "auth_token"
+    token_mode = os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
+    if create and token_mode and not custom and not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another run wrote it meanwhile
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if st.st_mode & 0o077 and st.st_uid == os.getuid():
+        os.chmod(path, 0o600)
+    return path
+
+
+@contextmanager
+def _loopback_node(ip: str):
+    """Keep a node address of 127.0.0.1 through ``ray.init``.
+
+    Ray binds its servers to loopback only where the node address is exactly 127.0.0.1
+    (``is_localhost``: 127.0.0.1, ::1 or localhost), on every interface otherwise, 127.0.0.2
+    included: the dashboard agent's gRPC (dashboard/agent.py ``grpc_ip``), the metrics exports of the
+    agent, of the dashboard and of the autoscaler monitor (reporter_agent.py ``address=``,
+    dashboard/head.py and autoscaler/_private/monitor.py ``start_http_server``), and, as measured with ``ss -ltnp``, the gRPC servers of the GCS, the
+    raylet, the driver and every worker. ``ray.init`` however replaces 127.0.0.1 by the machine's
+    network address (services.py ``resolve_ip_for_localhost`` -> ``get_node_ip_address``) unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (ray_constants.py ``ENABLE_RAY_CLUSTER``, read when ray is
+    imported). Set here for the processes ``ray.init`` starts (their environment) and for this one
+    (the constant: ray is imported already); both are restored after, so that a later
+    ``ray.init(address=...)`` in this process finds its real address."""
+    from ray._private import ray_constants
+
+    if ip != DEFAULT_NODE_IP:
+        yield
+        return
+    var = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_const = os.environ.get(var), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[var] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_const
+        if saved_env is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = saved_env
 
 
 def start_ray(address: str | None = None, node_ip: str = DEFAULT_NODE_IP, num_cpus: int | None = None,
               dashboard: bool = True, log_to_driver: bool = False) -> str | None:
     """Start a local Ray on a loopback node address, or connect to ``address`` (or the cluster a
-    ``ray job submit`` driver runs in). Returns the dashboard URL where there is one."""
+    ``ray job submit`` driver runs in). Returns the dashboard URL where there is one.
+
+    On the default node address 127.0.0.1 every socket of the local Ray listens on loopback alone
+    (``_loopback_node``; tests/test_runner.py::test_a_local_run_listens_on_loopback_only); any other
+    ``node_ip`` makes Ray's servers listen on every interface. Ray's token file is kept 0600
+    (``private_auth_token``)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -80,6 +142,7 @@ def start_ray(address: str | None = None, node_ip: str = DEFAULT_NODE_IP, num_cp
         return None
     repo = str(Path(__file__).resolve().parents[1])
     if address or os.environ.get("RAY_ADDRESS"):
+        private_auth_token(create=False)
         runtime_env = None
         if address and not os.environ.get("RAY_JOB_ID"):
             # workers on other nodes need this code: ship the repository as the working dir
@@ -87,11 +150,18 @@ def start_ray(address: str | None = None, node_ip: str = DEFAULT_NODE_IP, num_cp
                            "excludes": ["results/", ".git/", "**/__pycache__/", "reports/reproductions/"]}
         ctx = ray.init(address=address or None, runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
+        private_auth_token(create=True)
         # "local": a new instance even where ``ray start`` left an address file in /tmp/ray (Ray would
         # otherwise join that cluster, or wait on it for ever once it is gone)
-        ctx = ray.init(address="local", num_cpus=num_cpus, _node_ip_address=node_ip, include_dashboard=dashboard,
-                       dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
-                       runtime_env={"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}})
+        with _loopback_node(node_ip):
+            ctx = ray.init(address="local", num_cpus=num_cpus, _node_ip_address=node_ip,
+                           include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
+                           runtime_env={"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}})
+        used = ray.util.get_node_ip_address()
+        if used != node_ip:
+            ray.shutdown()
+            raise RuntimeError(f"Ray started on node address {used} instead of {node_ip}: its servers would "
+                               "listen on every interface")
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
 

@@ -22,7 +22,8 @@ def _private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real Ray on 127.0.0.2 with 2 CPUs, shared by the tests that run grids in-process."""
+    """A real Ray on 127.0.0.1 (all its sockets on loopback) with 2 CPUs, shared by the tests that run
+    grids in-process."""
     import ray
 
     from orchestrator.runner import start_ray

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ def test_rows_schema_and_provenance(ray_local, tmp_path):
     assert len(df) == 4 and set(df["cell_id"]) == {c.cell_id for c in cells}
     row = df.iloc[0]
     assert row["status"] == "ok" and 0.0 <= row["image_auroc"] <= 1.0
-    assert row["node_ip"] == "127.0.0.2" and row["hostname"] and row["worker_pid"] > 0
+    assert row["node_ip"] == "127.0.0.1" and row["hostname"] and row["worker_pid"] > 0
     assert row["git_sha"] and "torch" in json.loads(row["versions"]) and "ray" in json.loads(row["versions"])
     assert row["peak_rss_bytes"] > 10 << 20 and row["total_s"] >= row["fit_s"] >= 0
     assert row["device"] == "cpu" and row["n_test"] == len(row["labels"]) == len(row["image_scores"])
@@ -119,37 +120,174 @@ def test_corrupt_row_file_is_treated_as_not_done(tmp_path):
     assert store.clean_temporaries() == 1
 
 
-def test_a_second_local_run_takes_the_next_free_loopback_address(tmp_path):
-    """Where a local Ray already holds the default node address (its dashboard agent's port 52365:
-    another grid running on this machine), a run starts on the next loopback address instead of
-    losing its agent there, and says so."""
-    import re
+def test_a_second_local_run_starts_without_a_dashboard(tmp_path):
+    """Where another local Ray holds the dashboard agent's fixed port 52365 on 127.0.0.1 (a grid
+    already running on this machine), a run still starts on 127.0.0.1 (another loopback address would
+    put Ray's servers on every interface), without a dashboard, and says so."""
     import socket
 
-    from orchestrator.runner import free_node_ip, node_ip_free
+    from orchestrator.runner import node_ip_free
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other_ray:
         other_ray.bind(("127.0.0.40", 52365))
         other_ray.listen()
         assert not node_ip_free("127.0.0.40") and node_ip_free("127.0.0.41")
-        assert free_node_ip("127.0.0.40") == "127.0.0.41"
-    assert free_node_ip("127.0.0.40") == "127.0.0.40"
 
     path = write_grid(tmp_path / "g.yaml", grid_text("second", "- name: noop\n", classes="[0]"))
     cmd = [sys.executable, str(ROOT / "bench.py"), str(path), "--results", str(tmp_path / "results"),
            "--quiet", "--no-report"]
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other_ray:
         try:
-            other_ray.bind(("127.0.0.2", 52365))
+            other_ray.bind(("127.0.0.1", 52365))
             other_ray.listen()
         except OSError:  # a Ray of this test session holds it already: the same situation
             pass
         run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    moved = re.search(r"another local Ray runs on 127\.0\.0\.2: this one starts on (127\.0\.0\.\d+)", run.stdout)
-    assert moved, run.stdout
+    assert "another local Ray holds 127.0.0.1:52365" in run.stdout, run.stdout
+    assert "Ray dashboard:" not in run.stdout, run.stdout
     rows = pd.read_parquet(tmp_path / "results" / "second" / "rows")
-    assert rows["node_ip"].tolist() == [moved.group(1)] and rows["status"].tolist() == ["ok"]
+    assert rows["node_ip"].tolist() == ["127.0.0.1"] and rows["status"].tolist() == ["ok"]
+
+
+def listeners_outside_loopback(pids: set[int]) -> list[str]:
+    """Sockets of ``pids`` that accept connections (TCP in LISTEN, bound UDP) on an address outside
+    127.0.0.0/8 and ::1 (an IPv4-mapped ::ffff:127.x counts as loopback), as "name pid address:port"."""
+    import ipaddress
+
+    import psutil
+
+    found = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.pid not in pids or not conn.laddr:
+            continue
+        if conn.type == socket.SOCK_STREAM and conn.status != psutil.CONN_LISTEN:
+            continue
+        ip = ipaddress.ip_address(conn.laddr.ip.split("%")[0])
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if not ip.is_loopback:
+            try:
+                name = psutil.Process(conn.pid).name()
+            except psutil.Error:
+                name = "?"
+            found.append(f"{name} {conn.pid} {conn.laddr.ip}:{conn.laddr.port}")
+    return found
+
+
+def ray_pids() -> set[int]:
+    """This process and every process it started: the local Ray's GCS, raylet, dashboard, agents
+    and workers all descend from the driver that called ``ray.init``."""
+    import psutil
+
+    me = psutil.Process()
+    return {me.pid} | {p.pid for p in me.children(recursive=True)}
+
+
+def test_a_local_run_listens_on_loopback_only(ray_local, tmp_path):
+    """While a worker actor runs a cell, no socket of the local Ray (GCS, raylet, driver, workers,
+    dashboard agent's HTTP and gRPC, runtime-env agent, metrics exports) listens outside loopback:
+    on the default node address 127.0.0.1 Ray binds them all there. 127.0.0.2 put the GCS, the
+    raylet, the driver, every worker, the agent's gRPC and the metrics exports on 0.0.0.0 / [::]."""
+    import psutil
+
+    from orchestrator.grid import expand
+    from orchestrator.config import load_grid
+    from orchestrator.worker import Worker
+
+    assert ray_local.util.get_node_ip_address() == "127.0.0.1"
+    grid = load_grid(write_grid(tmp_path / "g.yaml",
+                                grid_text("net", "- name: noop\n  params: {sleep_s: 4}\n", classes="[0]")))
+    cell = expand(grid).cells[0]
+    worker = ray_local.remote(num_cpus=1)(Worker).remote(0, False, 1)
+    worker_pid = ray_local.get(worker.info.remote())["pid"]
+    running = worker.run.remote(cell.to_dict(), "net", 1)
+    time.sleep(1.0)
+    assert not ray_local.wait([running], timeout=0)[0], "the cell ended before the sockets were read"
+    pids = ray_pids()
+    assert worker_pid in pids
+    names = {psutil.Process(pid).name() for pid in pids if psutil.pid_exists(pid)}
+    assert {"gcs_server", "raylet"} <= names, names
+    outside = listeners_outside_loopback(pids)
+    rows = ray_local.get(running)
+    ray_local.kill(worker)
+    assert rows[0]["status"] == "ok" and rows[0]["node_ip"] == "127.0.0.1"
+    assert outside == [], outside
+
+
+@pytest.mark.slow
+def test_bench_run_listens_on_loopback_only_and_keeps_its_token_private(tmp_path):
+    """The command line's local run, dashboard included, sampled while its workers run cells: every
+    listening socket of the driver and the processes it started is on loopback, and the token Ray
+    authenticates with (written for a new home folder) is readable by its owner alone."""
+    import psutil
+
+    home = tmp_path / "home"
+    home.mkdir()
+    path = write_grid(tmp_path / "g.yaml", grid_text("net", "- name: noop\n  params: {sleep_s: 1.5}\n",
+                                                      classes="[0, 1, 2, 3]"))
+    results = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(home)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench.py"), str(path), "--results", str(results),
+                             "--quiet", "--no-report", "--workers", "2"], cwd=tmp_path, env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        rows_dir = results / "net" / "rows"
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(rows_dir.glob("*.parquet")) and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[0]
+        driver = psutil.Process(proc.pid)
+        pids = {proc.pid} | {p.pid for p in driver.children(recursive=True)}
+        names = {p.name() for p in driver.children(recursive=True)}
+        outside = listeners_outside_loopback(pids)
+        out = proc.communicate(timeout=240)[0]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, out
+    assert outside == [], outside
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::Worker") for n in names), names
+    # with its dashboard, unless another Ray on this machine holds the agent's port (then it says so)
+    assert ("Ray dashboard: http://127.0.0.1:" in out) != ("another local Ray holds 127.0.0.1:52365" in out), out
+    token = home / ".ray" / "auth_token"
+    assert (token.stat().st_mode & 0o777, token.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+    assert len(token.read_text()) == 64
+
+
+def test_the_token_file_is_private(tmp_path, monkeypatch):
+    """Ray writes ~/.ray/auth_token 0644; the runner writes it 0600 first for a local run and
+    tightens one that exists, leaving it alone where no file is used."""
+    from orchestrator.runner import private_auth_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    token = tmp_path / ".ray" / "auth_token"
+    assert private_auth_token(create=False) is None and not token.exists()  # joining a cluster: no file made
+    assert private_auth_token(create=True) == token
+    assert (token.stat().st_mode & 0o777, token.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+    secret = token.read_text()
+    assert len(secret) == 64 and int(secret, 16) >= 0
+    token.chmod(0o644)
+    assert private_auth_token(create=False) == token and token.stat().st_mode & 0o777 == 0o600
+    assert token.read_text() == secret  # kept, not replaced
+    other = tmp_path / "elsewhere"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(other))
+    assert private_auth_token(create=True) is None and not other.exists()  # never created there
+    other.write_text(secret)
+    other.chmod(0o640)
+    assert private_auth_token(create=True) == other and other.stat().st_mode & 0o777 == 0o600
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    token.unlink()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert private_auth_token(create=True) is None and not token.exists()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secret)
+    assert private_auth_token(create=True) is None and not token.exists()
 
 
 def _group_alive(pgid: int) -> bool:
