@@ -4,7 +4,8 @@ Each number states, in columns, what decides whether a run is comparable with it
 where it comes from (``source_kind``: paper | official_code | reproduction), the backbone and its
 weights, image size and crop, the image-score rule, the anomaly source and outlier-exposure set,
 epochs, checkpoint rule (last | best), FPR convention, OOD image lists (filtered | full), seeds, the
-OpenOOD group it averages (``ood_group``) and any other hyper-parameters as ``key=value; ...``
+OpenOOD group it averages (``ood_group``), which images a pixel metric averages over
+(``metric_variant``: all | anomalous_only, e.g. PatchCore's ``anomaly_pro``) and any other hyper-parameters as ``key=value; ...``
 (``params``, named as the method's resolved parameters). An empty cell: the source does not say.
 ``setting`` and ``source`` stay free text, for people.
 
@@ -45,12 +46,12 @@ EXPECTED_COLUMNS = ["method", "dataset", "protocol", "normal_class", "metric", "
 #: What decides whether a measured row is comparable with a number (empty: not stated).
 SETTING_COLUMNS = ["source_kind", "backbone", "weights", "image_size", "crop", "score", "anomaly_source",
                    "oe_dataset", "epochs", "checkpoint", "fpr_convention", "ood_lists", "seeds", "ood_group",
-                   "params"]
+                   "metric_variant", "params"]
 ALL_COLUMNS = EXPECTED_COLUMNS + SETTING_COLUMNS
 #: Columns whose values are one of a fixed set.
 CHOICES = {"source_kind": ("paper", "official_code", "reproduction"), "checkpoint": ("last", "best"),
            "fpr_convention": ("id_positive", "ood_positive"), "ood_lists": ("filtered", "full"),
-           "ood_group": ("near-ood", "far-ood")}
+           "ood_group": ("near-ood", "far-ood"), "metric_variant": ("all", "anomalous_only")}
 INTEGER_COLUMNS = ("image_size", "crop", "epochs", "seeds")
 #: The columns compared with a row's resolved parameters, each with the parameter keys that hold the
 #: row's value (first present wins); ``weights`` (the row's ``pretrained_tag``, ``scratch`` when
@@ -59,7 +60,7 @@ ROW_KEYS = {"backbone": ("backbone", "arch"), "image_size": ("image_size",), "sc
             "anomaly_source": ("anomaly_source",), "oe_dataset": ("oe_dataset",), "epochs": ("epochs",),
             "checkpoint": ("checkpoint_rule", "checkpoint"), "ood_lists": ("ood_lists",)}
 COMPARED = ("backbone", "weights", "image_size", "crop", "score", "anomaly_source", "oe_dataset", "epochs",
-            "checkpoint", "ood_lists")
+            "checkpoint", "ood_lists", "metric_variant")
 SOURCE_KIND_ORDER = {"paper": 0, "official_code": 1, "reproduction": 2, "": 3}
 #: Which FPR column a number of each convention is compared with.
 FPR_METRIC = {"id_positive": "fpr95", "ood_positive": "fpr95_openood"}
@@ -217,6 +218,18 @@ def row_params(row) -> dict:
     return {}
 
 
+def row_variants(row) -> dict:
+    """The row's ``metric_variants`` (which images each metric averages over), {} where absent."""
+    text = row.get("metric_variants") if hasattr(row, "get") else None
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text) if isinstance(text, str) and text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def ood_set_name(name: str) -> str:
     """An OOD set's name as registered here (OpenOOD's ``textures`` is ``dtd``)."""
     return OOD_SET_ALIASES.get(str(name).lower(), str(name))
@@ -287,10 +300,14 @@ def _same(ours, theirs: str) -> bool:
         return ours.lower() == str(theirs).lower()
 
 
-def run_setting(params: dict) -> dict:
-    """The row's value of each compared column (absent: the row does not record it)."""
+def run_setting(params: dict, metric: str | None = None) -> dict:
+    """The row's value of each compared column (absent: the row does not record it); ``params`` may
+    carry the row's ``metric_variants`` (which test images a pixel metric averages over)."""
     params = params or {}
     out = {}
+    variant = (params.get("metric_variants") or {}).get(metric)
+    if variant is not None:
+        out["metric_variant"] = variant
     for column, keys in ROW_KEYS.items():
         values = [params[k] for k in keys if params.get(k) is not None]
         if column in CHOICES:   # e.g. a classifier's ``checkpoint`` is a file, not a rule
@@ -311,7 +328,7 @@ def run_setting(params: dict) -> dict:
 def differences(ref, params: dict) -> tuple[list[str], int]:
     """(the stated columns whose value the row has otherwise, as ``column: ours vs theirs``; how many
     stated columns it matches). A ``params`` entry the row lacks differs (``—`` for ours)."""
-    ours, differ, matched = run_setting(params), [], 0
+    ours, differ, matched = run_setting(params, ref.get("metric")), [], 0
     for column in COMPARED:
         theirs = ref.get(column)
         if theirs is None or (isinstance(theirs, float) and math.isnan(theirs)) or theirs == "":

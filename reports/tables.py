@@ -16,7 +16,7 @@ from reports.bootstrap import (BOOTSTRAP_METRICS, N_RESAMPLES, DistributionCache
                                resample_metrics, resamples_for, row_seed, usable)
 from reports.expected import (LOWER_IS_BETTER, OOD_GROUPS, by_key, candidates, choose, class_key, group_complete,
                               group_members, group_of, group_references, mean_classes, ood_set_name, row_params,
-                              status_of)
+                              row_variants, status_of)
 from reports.rows import MEAN_COLUMN, as_array, column_order, ok_rows, present_metrics
 
 #: Row columns too large to carry through the table code (read from the full rows where needed).
@@ -127,7 +127,7 @@ def _group_record(group: str, covered: list[str], vrows, metric, dataset, protoc
 
 def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tolerance, dists) -> list[dict]:
     method = vrows["method"].iloc[0]
-    params = row_params(vrows.iloc[0])
+    params = {**row_params(vrows.iloc[0]), "metric_variants": row_variants(vrows.iloc[0])}
     ood_sets = set(vrows["ood_set"].dropna()) if protocol == "ood" else None
     records, column_dists, column_means = [], {}, {}
     by_column = dict(tuple(vrows.groupby("column", sort=False)))

@@ -946,3 +946,17 @@ def test_default_runs_are_compared_with_their_reference_codes_numbers():
     reweighted = create("patchcore", {"reweight": True}, RunContext()).resolved_params()
     assert pick("patchcore", "mvtec", "one_class", "bottle", "image_auroc", reweighted)[2] == [
         "score: reweighted vs max"]
+
+
+def test_a_pixel_metric_over_other_images_is_a_setting_that_differs():
+    """PatchCore's README PRO is its anomaly_pro (anomalous test images only); a row measured over all
+    images (metric_variants) is compared with the all-images number where there is one, and shown
+    as differing where there is none."""
+    variants = {"pixel_auroc": "all", "pro": "all"}
+    params = {**PATCHCORE_PARAMS, "metric_variants": variants}
+    value, setting, differs = pick("patchcore", "mvtec", "one_class", "bottle", "pro", params)
+    assert differs == ["metric_variant: all vs anomalous_only"]
+    value, setting, differs = pick("patchcore", "mvtec", "one_class", "mean", "pro", params)
+    assert differs == [] and "full_pro" in setting
+    params["metric_variants"] = {"pro": "anomalous_only"}
+    assert pick("patchcore", "mvtec", "one_class", "bottle", "pro", params)[::2] == (0.9714, [])
