@@ -1,14 +1,26 @@
 """Shared machinery of ``fcdd``, ``fcdd_hsc`` and ``fcdd_ae`` (Liznerski et al., "Explainable Deep
-One-Class Classification", ICLR 2021; official code github.com/liznerski/fcdd). Not a method module.
+One-Class Classification", ICLR 2021; official code liznerski/fcdd@4fa850215792b5f4a3405151e30127a5b67dc3b6:
+python/fcdd/runners/argparse_configs.py, datasets/mvtec.py, datasets/mvtec_base.py,
+datasets/noise_modes.py, datasets/online_supervisor.py, datasets/outlier_exposure/cifar100.py,
+training/bases.py, training/setup.py). Not a method module.
 
 What lives here:
 
 * the paper's per-dataset recipes (``FAMILIES``: optimiser, schedule, epochs, batch size, weight
-  decay, Gaussian std of the heatmap kernel, preprocessing, augmentation), chosen by the network's
-  input size: 28 px (Fashion-MNIST config), 32 px (CIFAR-10 config), 224 px (MVTec-AD config);
+  decay, Gaussian std of the heatmap kernel, preprocessing, augmentation, anomaly source, training-set
+  repeats per epoch), chosen by the network's input size: 28 px (Fashion-MNIST config), 32 px
+  (CIFAR-10 config), 224 px (MVTec-AD config);
+* ``enlarge``: the MVTec-AD recipe repeats the training set 10 times per epoch (``ADMvTec.enlarge =
+  True``, datasets/mvtec.py:14; ``MvTec.__init__`` repeats data 10x, mvtec_base.py:90-91) and the
+  lr scheduler steps once per such epoch (training/bases.py:204), so its 200 epochs are 2,000
+  passes over the images with 200 lr decays;
 * confetti noise (``confetti_noise``) and the "malformed normal" anomalies made from it;
 * the online supervisor: each training image is replaced with probability ``supervise_p`` (0.5)
   by an anomaly from the selected source (confetti | oe | semi), as fcdd's ``OnlineSupervisor``;
+  ``anomaly_source: auto`` is the recipe's: outlier exposure with CIFAR-100 for the 28 / 32 px
+  recipes (DefaultFmnistConfig / DefaultCifar10Config: supervise_mode 'noise', noise_mode 'cifar100'),
+  confetti-noise malformed normals for the 224 px one (DefaultMvtecConfig); grey outlier images are
+  made with ITU-R 601 luma (torchvision ``Grayscale``, outlier_exposure/cifar100.py:49);
 * the pseudo-Huber losses (Eq. 1 HSC, Eq. 2 FCDD, Eq. 3 FCDD with ground-truth maps);
 * ``FCDDFamily``: the fit / score skeleton the three methods share.
 
@@ -48,23 +60,25 @@ from methods.base import Method, MethodParams, RunContext, Scores, check_finite
 
 FAMILIES = {
     # DefaultFmnistConfig: SGD(momentum 0.9, nesterov) lr 1e-2, LambdaLR 0.98^epoch, 400 epochs,
-    # batch 128, wd 1e-6, preproc 'lcnaug1' (GCN-l1 + min-max, RandomCrop(28, pad 2), h-flip), σ 1.2
+    # batch 128, wd 1e-6, preproc 'lcnaug1' (GCN-l1 + min-max, RandomCrop(28, pad 2), h-flip), σ 1.2,
+    # outlier exposure with (grey) CIFAR-100
     "28": dict(size=28, raw_size=28, epochs=400, lr=1e-2, optimizer="sgd", scheduler="lambda",
                lr_decay=0.98, milestones=[], weight_decay=1e-6, batch_size=128, gauss_std=1.2,
-               preprocessing="gcn_minmax",
+               preprocessing="gcn_minmax", anomaly_source="oe", oe_dataset="cifar100", enlarge=1,
                config="fcdd DefaultFmnistConfig"),
     # DefaultCifar10Config: Adam lr 1e-3, MultiStepLR ×0.1 at 400 and 500, 600 epochs, batch
     # 20 × acc_batches 10 = 200, wd 1e-6, preproc 'aug1' (per-class mean/std, RandomCrop(32, pad 4),
-    # h-flip, + 0.001·N(0, 1)), σ 1.2
+    # h-flip, + 0.001·N(0, 1)), σ 1.2, outlier exposure with CIFAR-100
     "32": dict(size=32, raw_size=32, epochs=600, lr=1e-3, optimizer="adam", scheduler="milestones",
                lr_decay=None, milestones=[400, 500], weight_decay=1e-6, batch_size=200, gauss_std=1.2,
-               preprocessing="mean_std",
+               preprocessing="mean_std", anomaly_source="oe", oe_dataset="cifar100", enlarge=1,
                config="fcdd DefaultCifar10Config (batch 20 x acc_batches 10)"),
     # DefaultMvtecConfig: SGD lr 1e-3, LambdaLR 0.985^epoch, 200 epochs, batch 16 × acc 8 = 128,
-    # wd 1e-4, preproc 'lcnaug1' at raw 240 px (random 224 crop or resize to 224, noise), σ 12
+    # wd 1e-4, preproc 'lcnaug1' at raw 240 px (random 224 crop or resize to 224, noise), σ 12,
+    # confetti malformed normals; ADMvTec.enlarge: the train set 10x per epoch (one lr decay each)
     "224": dict(size=224, raw_size=240, epochs=200, lr=1e-3, optimizer="sgd", scheduler="lambda",
                 lr_decay=0.985, milestones=[], weight_decay=1e-4, batch_size=128, gauss_std=12.0,
-                preprocessing="gcn_minmax",
+                preprocessing="gcn_minmax", anomaly_source="confetti", oe_dataset=None, enlarge=10,
                 config="fcdd DefaultMvtecConfig (batch 16 x acc_batches 8)"),
 }
 NET_FAMILY = {"cnn28": "28", "cnn28_w": "28", "cnn32_s": "32", "cnn32_lw3k": "32", "vgg11_224": "224"}
@@ -83,6 +97,17 @@ def auto_fcdd_net(images) -> str:
     first = np.asarray(images[0])
     side = max(first.shape[0], first.shape[1])
     return "cnn28_w" if side <= 28 else ("cnn32_lw3k" if side <= 64 else "vgg11_224")
+
+
+#: ITU-R 601-2 luma, what PIL's convert("L") (torchvision's Grayscale) computes
+LUMA = (0.299, 0.587, 0.114)
+
+
+def grey_luma(x: torch.Tensor) -> torch.Tensor:
+    """N×3×H×W → N×1×H×W with the luma weights (fcdd outlier_exposure/cifar100.py:49 greys the
+    outlier images with torchvision's Grayscale after resizing them)."""
+    w = torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
 
 
 def image_channels(images) -> int:
@@ -298,6 +323,9 @@ class FCDDCommonParams(MethodParams):
     gamma: float = Field(0.1, gt=0, le=1)
     weight_decay: float | None = Field(None, ge=0)
     batch_size: int | None = Field(None, ge=1)
+    # passes over the training set per epoch (lr decays once per epoch); None = the recipe's:
+    # 10 for the 224 px MVTec-AD recipe (fcdd ADMvTec.enlarge), 1 otherwise
+    enlarge: int | None = Field(None, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     preprocessing: Literal["auto", "gcn_minmax", "mean_std", "none"] = "auto"
     stats: Literal["auto", "computed"] = "auto"
@@ -306,12 +334,14 @@ class FCDDCommonParams(MethodParams):
 
 
 class FCDDSupervisedParams(FCDDCommonParams):
-    """net: auto | cnn28 | cnn28_w | cnn32_s | cnn32_lw3k | vgg11_224. anomaly_source: confetti (malformed normals, the paper's MVTec-AD setting), oe (outlier
-    exposure with ``oe_dataset``, the paper's CIFAR-10 / Fashion-MNIST setting), semi (a few true
+    """net: auto | cnn28 | cnn28_w | cnn32_s | cnn32_lw3k | vgg11_224. anomaly_source: auto (the
+    recipe's: oe with CIFAR-100 at 28 / 32 px, confetti at 224 px), confetti (malformed normals, the
+    paper's MVTec-AD setting), oe (outlier exposure with ``oe_dataset``, None = the recipe's
+    cifar100 at 28 / 32 px; the paper's CIFAR-10 / Fashion-MNIST setting), semi (a few true
     anomalies, see ``set_true_anomalies``), none (normal images only)."""
 
     net: Literal["auto", "cnn28", "cnn28_w", "cnn32_s", "cnn32_lw3k", "vgg11_224"] = "auto"
-    anomaly_source: Literal["confetti", "oe", "semi", "none"] = "confetti"
+    anomaly_source: Literal["auto", "confetti", "oe", "semi", "none"] = "auto"
     supervise_p: float = Field(0.5, ge=0, le=1)
     oe_dataset: str | None = None
     oe_dataset_params: dict = {}
@@ -338,10 +368,13 @@ class Setup:
     gauss_std: float
     preprocessing: str
     config: str
+    enlarge: int = 1
 
     def describe(self) -> dict:
         d = asdict(self)
         d["image_size"] = d.pop("size")
+        if self.enlarge == 1 and self.family != "224":
+            d.pop("enlarge")  # the 28 / 32 px recipes never repeat the train set (rows before it was a param)
         if self.optimizer == "sgd":
             d["momentum"], d["nesterov"] = 0.9, True
         if self.scheduler == "lambda":
@@ -411,8 +444,10 @@ class FCDDFamily(Method):
     def _score_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _supervised(self) -> bool:
-        return hasattr(self.params, "anomaly_source") and self.params.anomaly_source != "none"
+    def _anomaly_source(self, setup: Setup) -> str:
+        """The params' anomaly source; 'auto' = the recipe's (oe at 28 / 32 px, confetti at 224 px)."""
+        source = getattr(self.params, "anomaly_source", "none")
+        return FAMILIES[setup.family]["anomaly_source"] if source == "auto" else source
 
     # resolution -----------------------------------------------------------------------------
     def _resolve(self, train: Split) -> Setup:
@@ -434,39 +469,48 @@ class FCDDFamily(Method):
                      batch_size=p.batch_size if p.batch_size is not None else d["batch_size"],
                      gauss_std=p.gauss_std if p.gauss_std is not None else d["gauss_std"],
                      preprocessing=d["preprocessing"] if p.preprocessing == "auto" else p.preprocessing,
-                     config=d["config"])
+                     config=d["config"], enlarge=p.enlarge if p.enlarge is not None else d["enlarge"])
 
     def _raw(self, images, setup: Setup) -> torch.Tensor:
         return to_tensor(images, Transform(resize=setup.raw_size, channels=setup.channels, mean=None, std=None))
 
+    def _oe_uint8(self, images, setup: Setup) -> torch.Tensor:
+        """Outlier images at the raw size as uint8; colour ones for a grey net are resized, then
+        greyed with the luma weights (fcdd outlier_exposure/cifar100.py:47-51: Resize, Grayscale)."""
+        x = to_tensor(images, Transform(resize=setup.raw_size, channels=3, mean=None, std=None))
+        if setup.channels == 1:
+            x = grey_luma(x)
+        return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
     # data for the anomaly sources ------------------------------------------------------------
     def _oe_pool(self, setup: Setup, g: torch.Generator) -> torch.Tensor:
         p = self.params
+        name = p.oe_dataset or FAMILIES[setup.family]["oe_dataset"]
         if self._oe_images is None:
-            if not p.oe_dataset:
+            if not name:
                 raise ValueError("anomaly_source 'oe' needs params oe_dataset: NAME (a registered dataset) "
                                  "or images passed with set_outlier_exposure() before fit")
             import data  # registers every dataset module
-            if p.oe_dataset not in data.DATASETS:
+            if name not in data.DATASETS:
                 raise NotImplementedError(
-                    f"outlier exposure needs the dataset {p.oe_dataset!r}, which is not registered in "
+                    f"outlier exposure needs the dataset {name!r}, which is not registered in "
                     f"data/datasets (registered: {', '.join(sorted(data.DATASETS)) or 'none'}); add it there "
                     "or pass its images with FCDD.set_outlier_exposure(images) before fit")
-            key = ("oe-images", p.oe_dataset, json.dumps(p.oe_dataset_params, sort_keys=True),
-                   setup.raw_size, setup.channels)
+            key = ("oe-images", name, json.dumps(p.oe_dataset_params, sort_keys=True),
+                   setup.raw_size, setup.channels, "luma")
 
             def load():
                 try:
                     from data.protocols import get_dataset  # memoised dataset instances
                 except ImportError:  # pragma: no cover - data layer without protocols
                     get_dataset = data.create_dataset
-                raw = get_dataset(p.oe_dataset, p.oe_dataset_params).load("train")
-                return (self._raw(raw.images, setup) * 255).round().to(torch.uint8)
+                return self._oe_uint8(get_dataset(name, p.oe_dataset_params).load("train").images, setup)
 
             pool = self.ctx.cached(key, load)
-            origin = f"dataset {p.oe_dataset} (train side)"
+            origin = f"dataset {name} (train side)"
+            self._supervision["oe_dataset"] = name
         else:
-            pool = (self._raw(self._oe_images, setup) * 255).round().to(torch.uint8)
+            pool = self._oe_uint8(self._oe_images, setup)
             origin = self._oe_origin
         if p.oe_limit is not None and p.oe_limit < len(pool):
             pool = pool[torch.randperm(len(pool), generator=g)[:p.oe_limit]]
@@ -519,7 +563,7 @@ class FCDDFamily(Method):
                                          stats=p.stats, raw_hw=(first.shape[0], first.shape[1]),
                                          raw_channels=image_channels(train.images))
 
-        source = p.anomaly_source if self._supervised() else "none"
+        source = self._anomaly_source(setup)
         self._supervision = {"anomaly_source": source}
         oe_pool = true_x = true_gt = None
         if source == "oe":
@@ -556,8 +600,9 @@ class FCDDFamily(Method):
         self.net.train()
         for epoch in range(1, setup.epochs + 1):
             total, count = 0.0, 0
-            perm = torch.randperm(len(normal), generator=g)
-            for start in range(0, len(normal), setup.batch_size):
+            # the train set repeated ``enlarge`` times and shuffled (fcdd mvtec_base.py:90-91)
+            perm = torch.randperm(len(normal) * setup.enlarge, generator=g) % len(normal)
+            for start in range(0, len(perm), setup.batch_size):
                 idx = perm[start:start + setup.batch_size]
                 x = normal[idx].clone()
                 y = torch.zeros(len(idx), dtype=torch.long)
@@ -611,6 +656,8 @@ class FCDDFamily(Method):
         if self.setup is None:
             return out
         out.update(self.setup.describe())
+        if "enlarge" not in self.setup.describe():
+            out.pop("enlarge", None)
         for k in (("milestones", "gamma") if self.setup.scheduler == "lambda" else ("lr_decay",)):
             if k not in self.setup.describe():
                 out.pop(k, None)
@@ -630,6 +677,8 @@ class FCDDFamily(Method):
     def affinity_key(cls, params) -> tuple:
         if isinstance(params, dict):
             params = cls.Params(**params)
-        if getattr(params, "anomaly_source", None) == "oe" and params.oe_dataset:
-            return ("oe-images", params.oe_dataset)
+        source = getattr(params, "anomaly_source", None)
+        if source == "oe" or (source == "auto" and params.net != "vgg11_224"):
+            # 'auto' is oe except on the 224 px recipe (a grouping hint: 'auto' nets may still be 224)
+            return ("oe-images", params.oe_dataset or "cifar100")
         return ()

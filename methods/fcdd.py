@@ -11,16 +11,21 @@ low-resolution map; its pseudo-Huber transform A(X) = sqrt(φ(X)² + 1) − 1 is
 * Anomaly score: (1/(u·v)) ‖A(X)‖₁. Pixel scores: A' = receptive-field up-sampling of A
   (Algorithm 1: transposed convolution with a Gaussian kernel of std ``gauss_std`` and extent the
   receptive field, centred at each output pixel's receptive-field centre), at the input size.
-* Anomalies during training (``anomaly_source``): confetti noise on normal images (the paper's
-  MVTec-AD setting, the default here because it needs no other data), outlier exposure with another
-  dataset (``oe_dataset``, the paper's Fashion-MNIST / CIFAR-10 setting; see
-  ``methods._fcdd_common`` for the ``set_outlier_exposure`` hook), semi-supervised with a few true
-  anomalies (``set_true_anomalies`` / train rows with label 1), or none. Each training image is
-  replaced by an anomaly with probability 0.5 (the official online supervisor).
+* Anomalies during training (``anomaly_source``, default ``auto`` = the official runner config's):
+  outlier exposure with another dataset (``oe_dataset``, default CIFAR-100, greyed with luma weights
+  for grey images: the paper's Fashion-MNIST / CIFAR-10 setting, ``auto`` at 28 / 32 px; see
+  ``methods._fcdd_common`` for the ``set_outlier_exposure`` hook), confetti noise on normal images
+  (the paper's MVTec-AD setting, ``auto`` at 224 px; needs no other data), semi-supervised with a
+  few true anomalies (``set_true_anomalies`` / train rows with label 1), or none. Each training
+  image is replaced by an anomaly with probability 0.5 (the official online supervisor).
 * Networks (``net``): cnn28_w (Fashion-MNIST), cnn28, cnn32_lw3k (CIFAR-10), cnn32_s,
   vgg11_224 (MVTec-AD: VGG11-BN blocks 1-4 with ImageNet weights, blocks 1-3 frozen; needs
   ``pretrained`` weights, tests use ``pretrained: false``); 'auto' picks by input size.
-* Defaults per input size = the official runner configs (``methods._fcdd_common.FAMILIES``).
+* Defaults per input size = the official runner configs (``methods._fcdd_common.FAMILIES``),
+  including the MVTec-AD recipe's 10 passes over the training set per epoch (``enlarge``).
+
+Reference: liznerski/fcdd@4fa850215792b5f4a3405151e30127a5b67dc3b6: python/fcdd/runners/argparse_configs.py, python/fcdd/training/fcdd.py,
+python/fcdd/datasets/mvtec.py, python/fcdd/datasets/online_supervisor.py.
 """
 from __future__ import annotations
 
@@ -39,6 +44,9 @@ class FCDD(FCDDFamily):
     Params = FCDDSupervisedParams
     objective = "fcdd"
     paper = "Liznerski et al., Explainable Deep One-Class Classification, ICLR 2021"
+    reference = ("liznerski/fcdd@4fa850215792b5f4a3405151e30127a5b67dc3b6: python/fcdd/runners/argparse_configs.py, "
+                 "python/fcdd/training/fcdd.py, python/fcdd/datasets/mvtec.py, "
+                 "python/fcdd/datasets/online_supervisor.py")
 
     def _build(self, setup, pretrained_state):
         return FCDDNet(setup.net, setup.channels, setup.size, bias=self.params.bias,

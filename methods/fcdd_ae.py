@@ -9,7 +9,11 @@ supervise_mode 'unsupervised') on the mean squared reconstruction error.
   corresponding FCDD net's receptive-field Gaussian, ``blur_heatmaps``; off as in the official
   AUROC code).
 * ``net: auto`` follows the official FCDD→AE mapping: 28 px → ae28, 32 px → ae32_lw3k,
-  larger → ae224_vgg. Schedules as FCDD's for the same input size.
+  larger → ae224_vgg. Schedules as FCDD's for the same input size (with the MVTec-AD recipe's
+  10 passes over the training set per epoch, ``enlarge``).
+
+Reference: liznerski/fcdd@4fa850215792b5f4a3405151e30127a5b67dc3b6: python/fcdd/training/ae.py, python/fcdd/models/shallow_cnn_*.py,
+python/fcdd/runners/argparse_configs.py, python/fcdd/datasets/mvtec.py.
 """
 from __future__ import annotations
 
@@ -37,6 +41,9 @@ class FCDDAE(FCDDFamily):
     objective = "ae"
     NETS = tuple(FCDDAutoencoder.ENCODER)
     paper = "Liznerski et al., Explainable Deep One-Class Classification, ICLR 2021 (AE baseline)"
+    reference = ("liznerski/fcdd@4fa850215792b5f4a3405151e30127a5b67dc3b6: python/fcdd/training/ae.py, "
+                 "python/fcdd/models/shallow_cnn_28.py, python/fcdd/models/shallow_cnn_32.py, "
+                 "python/fcdd/runners/argparse_configs.py, python/fcdd/datasets/mvtec.py")
 
     def _auto_net(self, images) -> str:
         return _AUTO[auto_fcdd_net(images)]

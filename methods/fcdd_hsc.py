@@ -11,6 +11,11 @@ CNN28 / CNN28_W / CNN32 / CNN32_LW3K / CNN224_VGG of the official code).
   ``get_grad_heatmap``), at the input size; ``blur_heatmaps`` additionally blurs them with the
   Gaussian of the corresponding FCDD net's receptive field (the paper's figures; the official AUROC
   code uses the unblurred gradients, hence off by default).
+* Defaults per input size as FCDD's (``methods._fcdd_common.FAMILIES``: anomaly source, schedule,
+  ``enlarge``).
+
+Reference: liznerski/fcdd@4fa850215792b5f4a3405151e30127a5b67dc3b6: python/fcdd/training/hsc.py, python/fcdd/models/shallow_cnn_*.py,
+python/fcdd/runners/argparse_configs.py, python/fcdd/datasets/mvtec.py.
 """
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ class FCDDHSC(FCDDFamily):
     Params = HSCParams
     objective = "hsc"
     paper = "Liznerski et al., Explainable Deep One-Class Classification, ICLR 2021 (HSC baseline)"
+    reference = ("liznerski/fcdd@4fa850215792b5f4a3405151e30127a5b67dc3b6: python/fcdd/training/hsc.py, "
+                 "python/fcdd/models/shallow_cnn_28.py, python/fcdd/models/shallow_cnn_32.py, "
+                 "python/fcdd/runners/argparse_configs.py, python/fcdd/datasets/mvtec.py")
 
     def _build(self, setup, pretrained_state):
         return HSCNet(setup.net, setup.channels, bias=self.params.bias, pretrained_state=pretrained_state,

@@ -410,10 +410,18 @@ def test_fcdd_outlier_exposure_trains_and_detects_unseen_classes(digits):
     assert m.transform.resize == 28 and m.transform.crop is None  # the orchestrator aligns masks with it
 
 
-def test_fcdd_oe_without_data_says_what_is_missing(digits):
+def test_fcdd_oe_without_data_says_what_is_missing(digits, tmp_path):
     train, _ = make_splits(digits, n_train=20)
-    with pytest.raises(ValueError, match="oe_dataset"):
-        create("fcdd", dict(net="cnn28", epochs=1, anomaly_source="oe"), RunContext()).fit(train)
+    # the 28 / 32 px recipes' outlier set is CIFAR-100 (fcdd DefaultFmnistConfig noise_mode 'cifar100')
+    for source in ("oe", "auto"):
+        with pytest.raises(Exception, match="cifar-100-python"):
+            create("fcdd", dict(net="cnn28", epochs=1, anomaly_source=source,
+                                oe_dataset_params={"root": str(tmp_path)}), RunContext()).fit(train)
+    rng = np.random.default_rng(0)
+    big = Split(images=rng.integers(0, 255, (2, 100, 100, 3), dtype=np.uint8), labels=np.zeros(2, np.int64),
+                targets=np.zeros(2, np.int64), class_names=["a"], key="x")
+    with pytest.raises(ValueError, match="oe_dataset"):  # the MVTec-AD recipe names no outlier set
+        create("fcdd", dict(pretrained=False, epochs=1, anomaly_source="oe"), RunContext()).fit(big)
     with pytest.raises(NotImplementedError, match="no_such_dataset"):
         create("fcdd", dict(net="cnn28", epochs=1, anomaly_source="oe", oe_dataset="no_such_dataset"),
                RunContext()).fit(train)
@@ -423,7 +431,7 @@ def test_fcdd_confetti_defaults_and_localisation(digits):
     """Confetti-trained FCDD finds confetti: image AUROC and pixel AUROC on corrupted test digits."""
     train, _ = make_splits(digits, n_train=150)
     ctx = RunContext(seed=0)
-    m = create("fcdd", dict(net="cnn28", epochs=12, batch_size=16), ctx)
+    m = create("fcdd", dict(net="cnn28", epochs=12, batch_size=16, anomaly_source="confetti"), ctx)
     m.fit(train)
     assert m.resolved_params()["anomaly_source"] == "confetti" and falls(ctx.loss_curve)
     x, y = digits
@@ -500,7 +508,8 @@ def test_fcdd_family_32px_colour_nets(digits):
     train, test = make_splits(digits, side=32, colour=True, n_train=20, n_anom=10)
     for name, net in (("fcdd", "cnn32_s"), ("fcdd_hsc", "cnn32_s"), ("fcdd_ae", "ae32")):
         ctx = RunContext(seed=0)
-        m = create(name, dict(net=net, epochs=1, batch_size=20), ctx)
+        extra = {} if name == "fcdd_ae" else {"anomaly_source": "confetti"}
+        m = create(name, dict(net=net, epochs=1, batch_size=20, **extra), ctx)
         m.fit(train)
         s = m.score(test)
         rp = m.resolved_params()
@@ -527,3 +536,78 @@ def test_fcdd_vgg_224_end_to_end_without_pretraining():
     m.fit(split)
     s = m.score(split)
     assert m.resolved_params()["net"] == "vgg11_224" and s.pixel.shape == (4, 224, 224)
+
+
+# ------------------------------------------------------------------------------------------
+# FCDD recipes pinned to the official code (liznerski/fcdd)
+# ------------------------------------------------------------------------------------------
+
+def test_fcdd_auto_anomaly_source_follows_the_runner_configs(digits):
+    """auto = outlier exposure (CIFAR-100) at 28 / 32 px, confetti at 224 px (argparse_configs.py)."""
+    from methods._fcdd_common import FAMILIES
+
+    assert methods.METHODS["fcdd"].Params().anomaly_source == "auto"
+    assert methods.METHODS["fcdd_hsc"].Params().anomaly_source == "auto"
+    assert {f: (d["anomaly_source"], d["oe_dataset"]) for f, d in FAMILIES.items()} == {
+        "28": ("oe", "cifar100"), "32": ("oe", "cifar100"), "224": ("confetti", None)}
+    train, _ = make_splits(digits, n_train=20)
+    m = create("fcdd", dict(net="cnn28", epochs=1, batch_size=20), RunContext(seed=0))
+    m.set_outlier_exposure(_oe_images(digits), name="digits 5-9")
+    m.fit(train)
+    rp = m.resolved_params()
+    assert rp["anomaly_source"] == "oe" and rp["oe_origin"] == "digits 5-9"
+
+
+def test_fcdd_grey_outlier_exposure_uses_luma(digits):
+    """Colour outlier images for a grey net: torchvision Grayscale's 0.299 R + 0.587 G + 0.114 B
+    (fcdd outlier_exposure/cifar100.py:49), not the channel mean."""
+    train, _ = make_splits(digits, n_train=20)
+    colours = np.zeros((3, 28, 28, 3), np.uint8)
+    for i in range(3):
+        colours[i, ..., i] = 255  # pure red, green, blue
+    m = create("fcdd", dict(net="cnn28", epochs=0, anomaly_source="oe"), RunContext(seed=0))
+    m.set_outlier_exposure(colours)
+    setup = m._resolve(train)
+    assert setup.channels == 1
+    pool = m._oe_pool(setup, torch.Generator().manual_seed(0))
+    assert pool.shape == (3, 1, 28, 28) and pool.dtype == torch.uint8
+    assert pool[:, 0, 14, 14].tolist() == [76, 150, 29]  # round(255 * 0.299 / 0.587 / 0.114)
+    # grey outlier images stay as they are
+    m.set_outlier_exposure(np.full((1, 28, 28, 1), 200, np.uint8))
+    assert m._oe_pool(setup, torch.Generator())[0].unique().tolist() == [200]
+
+
+def test_fcdd_enlarge_repeats_the_train_set_per_epoch(digits, monkeypatch):
+    """ADMvTec.enlarge (datasets/mvtec.py:14, mvtec_base.py:90-91): the MVTec-AD recipe makes 10
+    passes per epoch and decays the lr once per epoch (training/bases.py:204); others make one."""
+    from methods._fcdd_common import FAMILIES
+
+    assert {f: d["enlarge"] for f, d in FAMILIES.items()} == {"28": 1, "32": 1, "224": 10}
+    rng = np.random.default_rng(0)
+    big = Split(images=rng.integers(0, 255, (3, 100, 100, 3), dtype=np.uint8), labels=np.zeros(3, np.int64),
+                targets=np.zeros(3, np.int64), class_names=["a"], key="x")
+    m = create("fcdd_ae", dict(pretrained=False, epochs=0), RunContext(seed=0))
+    assert m._resolve(big).enlarge == 10
+    assert create("fcdd", dict(pretrained=False, enlarge=2), RunContext())._resolve(big).enlarge == 2
+
+    steps, lrs = [], []
+    real_step = torch.optim.SGD.step
+
+    def counting(self, *a, **k):
+        steps.append(1)
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", counting)
+    train, _ = make_splits(digits, n_train=20)
+    for enlarge, expected in ((None, 2 * 2), (3, 2 * 6)):  # 20 images, batch 10: 2 (6) steps an epoch
+        steps.clear(), lrs.clear()
+        params = dict(net="ae28", epochs=2, batch_size=10) | ({} if enlarge is None else {"enlarge": enlarge})
+        m = create("fcdd_ae", params, RunContext(seed=0))
+        m.fit(train)
+        assert len(steps) == expected
+        per_epoch = expected // 2
+        assert lrs[:per_epoch] == [1e-2] * per_epoch and lrs[per_epoch:] == [pytest.approx(1e-2 * 0.98)] * per_epoch
+        rp = m.resolved_params()
+        # recorded where it repeats; the 28 / 32 px recipes' rows keep their keys (no repeat)
+        assert rp.get("enlarge") == enlarge and ("enlarge" in rp) == (enlarge is not None)
