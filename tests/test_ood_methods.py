@@ -34,7 +34,9 @@ from metrics import evaluate
 
 OOD_METHODS = ("msp", "gram", "openmax", "mos", "conf_branch", "vos")
 SHARED = ("msp", "gram", "openmax", "mos")          # take the shared classifier
-TINY = dict(image_size=16, width_scale=0.0625, epochs=5, batch_size=64, lr=0.05, augment="none")
+# checkpoint_rule best (the default) with 10% held out: digits has ~100 images a class, 2% would be 2
+TINY = dict(image_size=16, width_scale=0.0625, epochs=5, batch_size=64, lr=0.05, augment="none",
+            checkpoint_val_fraction=0.1)
 EXTRA = {
     "msp": {}, "gram": {"powers": [1, 2, 3]}, "openmax": {"tailsize": 10},
     "mos": {"ft_epochs": 5, "ft_batch_size": 64, "ft_lr": 0.05, "schedule_steps": [5, 30, 40, 50, 60]},
@@ -100,11 +102,14 @@ def test_registered_for_ood_and_osr_with_openood_defaults():
     assert (om.tailsize, om.alpha, om.distance) == (20, 3, "euclidean")
     cb = methods.METHODS["conf_branch"].Params()
     assert (cb.budget, cb.lmbda, cb.eps) == (0.3, 0.1, 1e-12)
-    v = methods.METHODS["vos"].Params()
-    assert (v.start_epoch, v.sample_number, v.sample_from, v.select, v.loss_weight) == (40, 1000, 10000, 1, 0.1)
+    for name in OOD_METHODS:   # OpenOOD keeps best.ckpt by validation accuracy (base_recorder.py)
+        assert methods.METHODS[name].Params().checkpoint_rule == "best"
+    v = methods.METHODS["vos"].Params()   # OpenOOD's train_vos.yml (start_epoch 0) by default
+    assert (v.mode, v.start_epoch, v.sample_number, v.sample_from, v.select, v.loss_weight) == \
+        ("openood", 0, 1000, 10000, 1, 0.1)
     m = methods.METHODS["mos"].Params()
-    assert (m.ft_lr, m.ft_epochs, m.ft_batch_size, m.ft_weight_decay, m.n_groups, m.init) == \
-        (0.003, 30, 128, 0.0, 2, "classifier")
+    assert (m.ft_lr, m.ft_epochs, m.ft_batch_size, m.ft_weight_decay, m.n_groups, m.init, m.mixup_inputs) == \
+        (0.003, 30, 128, 0.0, None, "classifier", False)
     with pytest.raises(Exception):
         create("msp", {"bogus": 1}, RunContext())
 
