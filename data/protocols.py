@@ -12,13 +12,14 @@ import contextvars
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.base import DataError, Dataset, RawData, Split, create_dataset
+from data.base import DATASETS, DataError, Dataset, RawData, Split, create_dataset
 
 PROTOCOLS: dict[str, str] = {
     "one_class": "train on the normal class(es) only; test label 1 for every other class, or for "
@@ -252,10 +253,12 @@ def _ood(setup: Setup, *, ood: list[str] | None, ood_params: dict | None, **_) -
     n_id = len(id_test)
     tests = []
     for ood_name in ood:
-        params = ood_params.get(ood_name) or {}
-        ood_images, ood_files = _ood_images(ood_name, json.dumps(params, sort_keys=True), height, width, channels)
+        params, options = ood_options(ood_name, ood_params.get(ood_name) or {})
+        ood_images, ood_files = _ood_images(ood_name, json.dumps(params, sort_keys=True), height, width, channels,
+                                            json.dumps(options, sort_keys=True))
         n_ood = len(ood_images)
-        extra = f"|ood={ood_name}|{canonical_params(get_dataset(ood_name, params))}"
+        listed = options.get("image_list") or params.get("image_list")
+        extra = f"|ood={ood_name}|{canonical_params(get_dataset(ood_name, params))}|resize={options['resize']}"
         extra += f"|ood_files={ood_files}" if ood_files else ""
         tests.append((ood_name, Split(
             images=np.concatenate([id_test.images, ood_images]),
@@ -265,6 +268,7 @@ def _ood(setup: Setup, *, ood: list[str] | None, ood_params: dict | None, **_) -
             key=id_test.key + extra,
             meta={"dataset": setup.name, "protocol": setup.protocol, "normal_class": setup.label,
                   "side": f"test:{ood_name}", "ood_set": ood_name,
+                  "ood_list": "filtered" if listed else "full", "ood_resize": options["resize"],
                   "images_key": id_test.meta["images_key"] + extra},
         )))
     return train, tests
@@ -291,28 +295,115 @@ PROTOCOL_BUILDERS: dict[str, Callable[..., tuple[Split, list]]] = {
 }
 
 
+#: Per-OOD-set keys of ``ood_params`` the protocol reads itself (not the dataset's params).
+OOD_RESIZE = ("short_side_crop", "squash")
+
+
+def ood_options(name: str, params: dict) -> tuple[dict, dict]:
+    """(the dataset's params, the protocol's options) from one OOD set's ``ood_params`` entry.
+
+    Options: ``resize`` — ``short_side_crop`` (default: OpenOOD's test preprocessor,
+    ``openood/evaluation_api/preprocessor.py`` ``TestStandardPreProcessor``: ``Resize(pre_size)`` of
+    the short side, then ``CenterCrop(img_size)``) or ``squash`` (both sides to the ID size, aspect
+    ratio lost); ``image_list`` / ``images_root`` — an OpenOOD benchmark_imglist file ("path label"
+    lines) whose images, relative to ``images_root`` (OpenOOD's ``images_classic`` folder), replace
+    the dataset's test side. A dataset with its own ``image_list`` param (``tin``) keeps it."""
+    params = dict(params)
+    fields = getattr(DATASETS.get(name), "Params", None)
+    own = set(getattr(fields, "model_fields", {}) or {})
+    options = {"resize": params.pop("resize", "short_side_crop")}
+    if options["resize"] not in OOD_RESIZE:
+        raise DataError(f"ood_params.{name}.resize: {options['resize']!r}; valid: {', '.join(OOD_RESIZE)}")
+    for key in ("image_list", "images_root"):
+        if key in params and key not in own:
+            options[key] = params.pop(key)
+    if options.get("images_root") and not options.get("image_list"):
+        raise DataError(f"ood_params.{name}: images_root is where image_list's paths start: give image_list too")
+    if options.get("image_list") and not options.get("images_root"):
+        raise DataError(f"ood_params.{name}: image_list needs images_root, the folder its paths start from "
+                        f"(OpenOOD's data/images_classic)")
+    return params, options
+
+
+def listed_images(name: str, image_list: str, images_root: str) -> list[Path]:
+    """The files an OpenOOD benchmark_imglist file names (first field of each line)."""
+    file = Path(image_list).expanduser()
+    if not file.is_file():
+        raise DataError(f"{name}: image_list {file} not found (OpenOOD's benchmark_imglist, see the README)")
+    base = Path(images_root).expanduser()
+    paths = []
+    for number, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        path = base / line.split()[0]
+        if not path.is_file():
+            raise DataError(f"{name}: {file} line {number}: {path} not found (paths are relative to images_root {base})")
+        paths.append(path)
+    if not paths:
+        raise DataError(f"{name}: image_list {file} lists no images")
+    return paths
+
+
 @lru_cache(maxsize=8)
-def _ood_images(name: str, params_json: str, height: int, width: int, channels: int) -> tuple[np.ndarray, str | None]:
-    """An OOD dataset's test images converted to the ID size and channels (memoized)."""
-    raw = get_dataset(name, json.loads(params_json)).load("test")
-    images = convert_images(raw.images, height, width, channels)
+def _ood_images(name: str, params_json: str, height: int, width: int, channels: int,
+                options_json: str = '{"resize": "short_side_crop"}') -> tuple[np.ndarray, str | None]:
+    """An OOD dataset's test images (or its ``image_list``'s) converted to the ID size and channels
+    (memoized)."""
+    options = json.loads(options_json)
+    if options.get("image_list"):
+        from data.cache import decode_files
+        from data.datasets._image_folders import content_id
+
+        decoded = decode_files(listed_images(name, options["image_list"], options["images_root"]))
+        source, files = decoded.images, content_id([decoded.entry])
+    else:
+        raw = get_dataset(name, json.loads(params_json)).load("test")
+        source, files = raw.images, raw.meta.get("content_id")
+    images = convert_images(source, height, width, channels, resize=options.get("resize", "short_side_crop"))
     images.setflags(write=False)
-    return images, raw.meta.get("content_id")
+    return images, files
 
 
-def convert_images(images, height: int, width: int, channels: int, batch: int = 512) -> np.ndarray:
+def short_side_geometry(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(resized h, resized w, crop top, crop left) of resize-short-side-then-centre-crop to
+    height×width. For a square target this is torchvision's ``Resize(size)`` (short side to size,
+    long side ``int(size · long / short)``) and ``CenterCrop(size)`` (offsets ``round((in − out) / 2)``)."""
+    if height == width:
+        if h <= w:
+            rh, rw = height, int(height * w / h)
+        else:
+            rh, rw = int(width * h / w), width
+    else:
+        scale = max(height / h, width / w)
+        rh, rw = max(height, int(round(h * scale))), max(width, int(round(w * scale)))
+    return rh, rw, int(round((rh - height) / 2.0)), int(round((rw - width) / 2.0))
+
+
+def convert_images(images, height: int, width: int, channels: int, batch: int = 512,
+                   resize: str = "short_side_crop") -> np.ndarray:
     """uint8 images (N×H×W×C array or list) -> N×height×width×channels uint8: colour -> grey by
-    the channel mean, grey -> colour by repetition, then bilinear (antialiased) resizing."""
+    the channel mean, grey -> colour by repetition, then bilinear (antialiased) resizing —
+    ``short_side_crop``: the short side to the target and a centre crop (OpenOOD), ``squash``:
+    both sides to the target."""
     groups = ([images[i:i + batch] for i in range(0, len(images), batch)]
               if isinstance(images, np.ndarray) else [np.asarray(img)[None] for img in images])
     out = np.empty((len(images), height, width, channels), dtype=np.uint8)
     start = 0
     for group in groups:
-        x = torch.from_numpy(np.array(group, dtype=np.float32)).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.array(group, dtype=np.float32))
+        if x.ndim == 3:
+            x = x[..., None]
+        x = x.permute(0, 3, 1, 2)
         if x.shape[1] != channels:
             x = x.mean(dim=1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
         if x.shape[-2:] != (height, width):
-            x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+            if resize == "squash":
+                x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+            else:
+                rh, rw, top, left = short_side_geometry(x.shape[-2], x.shape[-1], height, width)
+                if (rh, rw) != tuple(x.shape[-2:]):
+                    x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
+                x = x[..., top:top + height, left:left + width]
         out[start:start + len(x)] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         start += len(x)
     return out

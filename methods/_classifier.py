@@ -22,6 +22,9 @@ base_trainer.py``, ``configs/pipelines/train/baseline.yml``): 100 epochs, batch 
 momentum 0.9, Nesterov, weight decay 5e-4, cosine annealing stepped every iteration from lr to
 1e-6 (``cosine_annealing(step, epochs·len(loader), 1, 1e-6/lr)`` in a LambdaLR); training
 transform RandomHorizontalFlip + RandomCrop(32, padding=4) (``base_preprocessor.py``);
+checkpoint rule ``best`` (``checkpoint_rule``): after each epoch the accuracy on a held-out
+part of the train split, the best epoch's weights kept (``openood/recorders/base_recorder.py``
+``save_model``; ``scripts/eval_ood.py`` line 147 loads ``best.ckpt``), ``last`` keeps the final epoch;
 normalisation by the ID dataset's constants (``openood/preprocessors/transform.py``:
 cifar10 [0.4914, 0.4822, 0.4465] / [0.2470, 0.2435, 0.2616], cifar100 [0.5071, 0.4867, 0.4408] /
 [0.2675, 0.2565, 0.2761], other datasets 0.5 / 0.5). Images enter with three channels (grey
@@ -343,6 +346,11 @@ class ClassifierParams(MethodParams):
     lr_min: float = Field(1e-6, ge=0)
     eval_batch_size: int = Field(200, ge=1)
     checkpoint: str | None = None    # a trained model: loaded instead of training (sha256 recorded)
+    #: which epoch's weights training keeps: "best" = highest accuracy on a held-out part of the train
+    #: split (OpenOOD's base_recorder.py; its released and evaluated files are best.ckpt), "last" = the
+    #: final epoch. A loaded ``checkpoint`` records the rule as given (OpenOOD's files: best).
+    checkpoint_rule: Literal["best", "last"] = "best"
+    checkpoint_val_fraction: float = Field(0.02, gt=0, lt=1)   # held-out share of each class ("best")
 
     @model_validator(mode="after")
     def _check(self):
@@ -352,7 +360,8 @@ class ClassifierParams(MethodParams):
 
 
 RECIPE_FIELDS = ("arch", "width_scale", "drop_rate", "image_size", "normalization", "augment", "epochs",
-                 "batch_size", "lr", "momentum", "nesterov", "weight_decay", "lr_min", "checkpoint")
+                 "batch_size", "lr", "momentum", "nesterov", "weight_decay", "lr_min", "checkpoint",
+                 "checkpoint_rule", "checkpoint_val_fraction")
 
 
 def recipe_key(p: ClassifierParams) -> tuple:
@@ -480,6 +489,30 @@ class TrainData:
     y: torch.Tensor          # int64 N (CPU)
     num_classes: int
     inputs: Inputs
+    fit_idx: torch.Tensor | None = None   # the indices trained on (None: all)
+    val_idx: torch.Tensor | None = None   # held out to choose the epoch (checkpoint_rule "best")
+
+    @property
+    def n_fit(self) -> int:
+        return len(self.y) if self.fit_idx is None else len(self.fit_idx)
+
+
+VALIDATION_SEED = 0   # the held-out images do not depend on the run's seed (OpenOOD's val list is fixed)
+
+
+def holdout_indices(y: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices): ``round(fraction · n_c)`` images of each class c (at least
+    one when the class has two or more), chosen by a fixed-seed permutation; both sorted."""
+    rng = np.random.default_rng(VALIDATION_SEED)
+    val = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        k = max(1, int(round(fraction * len(members)))) if len(members) >= 2 else 0
+        val.append(rng.permutation(members)[:k])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    keep = np.ones(len(y), bool)
+    keep[val_idx] = False
+    return np.flatnonzero(keep), val_idx
 
 
 def train_data(p: ClassifierParams, train: Split) -> TrainData:
@@ -492,7 +525,70 @@ def train_data(p: ClassifierParams, train: Split) -> TrainData:
         raise ValueError(f"a classifier needs at least two in-distribution classes, got {num_classes}")
     if int(y.max()) >= num_classes:
         raise ValueError(f"train targets reach {int(y.max())} but there are {num_classes} class names")
-    return TrainData(inputs.prepare(train.images), y, num_classes, inputs)
+    data = TrainData(inputs.prepare(train.images), y, num_classes, inputs)
+    if p.checkpoint_rule == "best":
+        fit_idx, val_idx = holdout_indices(y.numpy(), p.checkpoint_val_fraction)
+        data.fit_idx, data.val_idx = torch.from_numpy(fit_idx), torch.from_numpy(val_idx)
+    return data
+
+
+class BestEpoch:
+    """OpenOOD's checkpoint rule (``openood/recorders/base_recorder.py`` ``save_model``: after each
+    epoch the accuracy on the validation split, ``if acc >= best_acc`` — ties go to the later epoch —
+    the weights become best.ckpt; ``scripts/eval_ood.py`` evaluates best.ckpt). Here the validation
+    split is ``TrainData.val_idx``; ``predict(x) -> class`` is the method's own prediction (MOS: the
+    group-softmax class, as its evaluator); ``restore`` loads the best epoch's weights."""
+
+    def __init__(self, data: TrainData, modules: tuple[nn.Module, ...], predict: Callable[[torch.Tensor], torch.Tensor],
+                 device: str, batch_size: int = 200):
+        self.data, self.modules, self.predict = data, modules, predict
+        self.device, self.batch_size = device, batch_size
+        self.best_acc, self.best_epoch, self.state = 0.0, None, None
+        self.accuracies: list[float] = []
+
+    @torch.no_grad()
+    def accuracy(self) -> float:
+        idx = self.data.val_idx
+        if idx is None or len(idx) == 0:
+            return 0.0
+        for m in self.modules:
+            m.eval()
+        correct = 0
+        for s in range(0, len(idx), self.batch_size):
+            b = idx[s:s + self.batch_size]
+            x = self.data.inputs.normalize(self.data.x[b].to(self.device))
+            correct += int((self.predict(x).cpu() == self.data.y[b]).sum())
+        for m in self.modules:
+            m.train()
+        return correct / len(idx)
+
+    def update(self, epoch: int) -> None:
+        acc = self.accuracy()
+        self.accuracies.append(acc)
+        if acc >= self.best_acc:
+            self.best_acc, self.best_epoch = acc, epoch
+            self.state = [cpu_state(m) for m in self.modules]
+
+    def restore(self) -> None:
+        if self.state is not None:
+            for m, state in zip(self.modules, self.state):
+                m.load_state_dict(state)
+
+    def describe(self) -> dict:
+        return {"best_epoch": self.best_epoch, "best_val_acc": self.best_acc if self.best_epoch else None,
+                "val_acc_curve": [round(a, 6) for a in self.accuracies]}
+
+
+def epoch_selector(p: ClassifierParams, data: TrainData | None, modules: tuple[nn.Module, ...],
+              predict: Callable[[torch.Tensor], torch.Tensor], device: str) -> BestEpoch | None:
+    """The epoch chooser of ``p.checkpoint_rule`` (None for "last")."""
+    if p.checkpoint_rule != "best" or data is None:
+        return None
+    return BestEpoch(data, modules, predict, device, p.eval_batch_size)
+
+
+def argmax_of(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: net(x).argmax(dim=1)
 
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
@@ -501,13 +597,15 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 def run_training(data: TrainData, step_fn: StepFn, optimizer: torch.optim.Optimizer, *, epochs: int,
                  batch_size: int, augment: str, seed: int, device: str,
                  lr_at: Callable[[int], float | None], on_epoch: Callable[[int, float], None] | None = None,
-                 modules: tuple[nn.Module, ...] = ()) -> list[float]:
+                 modules: tuple[nn.Module, ...] = (), select: BestEpoch | None = None) -> list[float]:
     """The training loop shared by every classifier here.
 
     ``step_fn(x, y, epoch, step) -> loss`` (x normalised, on ``device``; epoch from 0) computes the
     loss of one batch; this loop sets the learning rate ``lr_at(step)`` before each step (None
     stops training), back-propagates, steps, and returns the per-epoch mean losses. A NaN / inf
-    batch loss raises NonFiniteLoss at once.
+    batch loss raises NonFiniteLoss at once. Batches are drawn from ``data.fit_idx`` (the held-out
+    validation images are never trained on); with ``select`` each epoch is validated and the best
+    epoch's weights are restored at the end (``checkpoint_rule: best``).
     """
     g = torch.Generator().manual_seed(seed)
     for m in modules:
@@ -517,7 +615,9 @@ def run_training(data: TrainData, step_fn: StepFn, optimizer: torch.optim.Optimi
     stop = False
     for epoch in range(epochs):
         total, count = 0.0, 0
-        for idx in batches(len(data.y), batch_size, g):
+        for idx in batches(data.n_fit, batch_size, g):
+            if data.fit_idx is not None:
+                idx = data.fit_idx[idx]
             lr = lr_at(step)
             if lr is None:
                 stop = True
@@ -542,8 +642,12 @@ def run_training(data: TrainData, step_fn: StepFn, optimizer: torch.optim.Optimi
             curve.append(total / count)
             if on_epoch is not None:
                 on_epoch(epoch + 1, curve[-1])
+            if select is not None:
+                select.update(epoch + 1)
         if stop:
             break
+    if select is not None:
+        select.restore()
     for m in modules:
         m.eval()
     return curve
@@ -559,16 +663,18 @@ def train_cross_entropy(data: TrainData, p: ClassifierParams, seed: int, device:
     'loss_curve'}."""
     net = build_network(p.arch, data.num_classes, p.width_scale, p.drop_rate, seed).to(device)
     opt = sgd(net.parameters(), p)
-    total = p.epochs * steps_per_epoch(len(data.y), p.batch_size)
+    total = p.epochs * steps_per_epoch(data.n_fit, p.batch_size)
     logger = log_ or log
+    select = epoch_selector(p, data, (net,), argmax_of(net), device)
 
     def step_fn(x, y, epoch, step):
         return F.cross_entropy(net(x), y)
 
     curve = run_training(data, step_fn, opt, epochs=p.epochs, batch_size=p.batch_size, augment=p.augment,
                          seed=seed, device=device, lr_at=cosine_schedule(p, total), modules=(net,),
-                         on_epoch=lambda e, l: logger.info("classifier epoch %d loss %.5f", e, l))
-    return {"state_dict": cpu_state(net), "loss_curve": curve}
+                         on_epoch=lambda e, l: logger.info("classifier epoch %d loss %.5f", e, l), select=select)
+    return {"state_dict": cpu_state(net), "loss_curve": curve,
+            "selection": select.describe() if select else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,6 +693,7 @@ class Classifier:
     sha256: str | None = None
     eval_batch_size: int = 200
     device: str = "cpu"
+    selection: dict | None = None    # BestEpoch.describe() of its training ("best"), else None
 
     @torch.no_grad()
     def outputs(self, images) -> dict:
@@ -612,7 +719,7 @@ def _load_or_train(p: ClassifierParams, train: Split, data: TrainData, ctx: RunC
         net = build_network(p.arch, data.num_classes, p.width_scale, p.drop_rate)
         load_state(net, state, f"checkpoint {path}")
         return {"state_dict": cpu_state(net), "loss_curve": [], "source": f"checkpoint {path}",
-                "sha256": sha256_file(path)}
+                "sha256": sha256_file(path), "selection": None}
     out = train_cross_entropy(data, p, ctx.seed, ctx.device, ctx.log)
     out.update(source="trained", sha256=None)
     return out
@@ -638,7 +745,7 @@ def shared_classifier(ctx: RunContext, train: Split, p: ClassifierParams,
         ctx.weights_sha256 = value["sha256"]
     return Classifier(net=net, inputs=data.inputs, num_classes=data.num_classes, key=key,
                       loss_curve=list(value["loss_curve"]), source=value["source"], sha256=value.get("sha256"),
-                      eval_batch_size=p.eval_batch_size, device=ctx.device)
+                      eval_batch_size=p.eval_batch_size, device=ctx.device, selection=value.get("selection"))
 
 
 def classifier_outputs(ctx: RunContext, clf: Classifier, split: Split) -> dict:
@@ -661,7 +768,19 @@ def own_checkpoint(ctx: RunContext, p: ClassifierParams, net: nn.Module) -> str 
     return f"checkpoint {path}"
 
 
-def describe_recipe(p: ClassifierParams, data: TrainData | None, source: str | None) -> dict:
+def describe_validation(p: ClassifierParams, data: TrainData | None) -> str:
+    """The validation split behind ``checkpoint_rule`` (stated in every row)."""
+    if p.checkpoint_rule == "last":
+        return "none (the last epoch is kept)"
+    n = "" if data is None or data.val_idx is None else f": {len(data.val_idx)} images"
+    return (f"held out from the train split, round({p.checkpoint_val_fraction} x class size) images per class "
+            f"(fixed seed {VALIDATION_SEED}, never trained on){n}; OpenOOD validates on its ID val imglist "
+            f"(benchmark_imglist/<dataset>/val_<dataset>.txt, configs/datasets/cifar10/cifar10.yml), "
+            f"which its repository does not ship")
+
+
+def describe_recipe(p: ClassifierParams, data: TrainData | None, source: str | None,
+                    selection: dict | None = None) -> dict:
     """The resolved classifier set-up for ``resolved_params``."""
     out = {"drop_rate": resolved_drop_rate(p.arch, p.drop_rate),
            "optimizer": f"SGD(momentum={p.momentum}, nesterov={p.nesterov}, weight_decay={p.weight_decay})",
@@ -669,10 +788,14 @@ def describe_recipe(p: ClassifierParams, data: TrainData | None, source: str | N
            "train_transform": {"crop_flip": "RandomHorizontalFlip + RandomCrop(size, padding=4)",
                                "crop": "RandomCrop(size, padding=4)", "flip": "RandomHorizontalFlip",
                                "none": "none"}[p.augment],
-           "classifier_source": source}
+           "classifier_source": source, "checkpoint_rule": p.checkpoint_rule,
+           "validation_split": describe_validation(p, data), **(selection or {})}
+    if source is not None and source.startswith("checkpoint"):
+        out["validation_split"] = "none here: the checkpoint file was trained elsewhere (checkpoint_rule as given)"
     if data is not None:
-        out.update(num_classes=data.num_classes, n_train=int(len(data.y)),
-                   steps_per_epoch=steps_per_epoch(len(data.y), p.batch_size), inputs=data.inputs.describe())
+        out.update(num_classes=data.num_classes, n_train=int(data.n_fit),
+                   n_val=0 if data.val_idx is None else int(len(data.val_idx)),
+                   steps_per_epoch=steps_per_epoch(data.n_fit, p.batch_size), inputs=data.inputs.describe())
     return out
 
 
@@ -727,7 +850,8 @@ class PostHocMethod(Method):
 
     def resolved_params(self) -> dict:
         out = self.params.model_dump(mode="json")
-        out.update(describe_recipe(self.params, self.data, self.clf.source if self.clf else None), **self.describe())
+        out.update(describe_recipe(self.params, self.data, self.clf.source if self.clf else None,
+                                   self.clf.selection if self.clf else None), **self.describe())
         return out
 
     @classmethod

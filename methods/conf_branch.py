@@ -29,7 +29,8 @@ from pydantic import Field
 
 from data.base import Split
 from methods._classifier import (ClassifierParams, build_network, cosine_schedule, describe_recipe, own_checkpoint,
-                                 predict_logits, run_training, sgd, steps_per_epoch, train_data)
+                                 predict_logits, run_training, sgd, steps_per_epoch, train_data,
+                                 epoch_selector)
 from methods.base import Method, RunContext, Scores, register
 
 
@@ -87,6 +88,7 @@ class ConfBranch(Method):
         self.data = None
         self.source = None
         self.final_lmbda = None
+        self.select = None
 
     def fit(self, train: Split) -> None:
         p, ctx = self.params, self.ctx
@@ -101,8 +103,9 @@ class ConfBranch(Method):
             self.net.eval()
             return
         opt = sgd(self.net.parameters(), p)
-        total = p.epochs * steps_per_epoch(len(data.y), p.batch_size)
+        total = p.epochs * steps_per_epoch(data.n_fit, p.batch_size)
         state = {"lmbda": p.lmbda}
+        self.select = epoch_selector(p, data, (self.net,), lambda x: self.net(x).argmax(dim=1), ctx.device)
         g = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 2)
 
         def step_fn(x, y, epoch, step):
@@ -118,7 +121,7 @@ class ConfBranch(Method):
 
         run_training(data, step_fn, opt, epochs=p.epochs, batch_size=p.batch_size, augment=p.augment,
                      seed=ctx.seed, device=ctx.device, lr_at=cosine_schedule(p, total), modules=(self.net,),
-                     on_epoch=ctx.log_epoch)
+                     on_epoch=ctx.log_epoch, select=self.select)
         self.final_lmbda = state["lmbda"]
         self.source = "trained"
 
@@ -131,7 +134,8 @@ class ConfBranch(Method):
 
     def resolved_params(self) -> dict:
         out = self.params.model_dump(mode="json")
-        out.update(describe_recipe(self.params, self.data, self.source), final_lmbda=self.final_lmbda,
+        out.update(describe_recipe(self.params, self.data, self.source,
+                                                   self.select.describe() if self.select else None), final_lmbda=self.final_lmbda,
                    hint_distribution="b ~ Bernoulli(U(0,1)) per sample (released code)",
                    score="-sigmoid(confidence head)")
         return out

@@ -21,6 +21,16 @@ else Δ(x); higher = more OOD. Layers: the output of every Conv2d and nn.ReLU mo
 ``FeatureExtractor`` hooks (for its ResNet-18, which applies ReLU functionally, the 20 conv
 outputs). Powers 1..5 as OpenOOD v1.5 (``configs/postprocessors/gram.yml``); the paper uses 1..10.
 A layer whose validation mean is 0 is normalised by 1.
+
+Differences from the paper's own code (deeplearning-wisc/vos@6dd9c2748de1f261c0ae898df130ec9558c60268
+``classification/CIFAR/gram_matrics.py``, the Gram baseline of the VOS release), all OpenOOD's choices
+and kept as such here: (1) min / max are grouped by the class the network *predicts* for each
+training image there (``train_preds``, ``np.where(train_preds == PRED)``), by the true label here;
+(2) its validation set is 10% of the in-distribution *test* deviations (``detect``:
+``random.sample(range(len(all_test_deviations)), int(0.1 * ...))``), scored on the other 90%; here it
+is ``val_fraction`` of the training images; (3) its normaliser is that validation mean + 1e-7 and
+its deviation divides by ``|min + 1e-6|``; here E_va[δ_l] (0 → 1) and ``|min| + 1e-6``; (4) the paper
+uses powers 1..10 and its own hand-picked layers, OpenOOD powers 1..5 and every conv / ReLU output.
 """
 from __future__ import annotations
 

@@ -20,10 +20,27 @@ ResNet-18 32×32) with a new head of (classes + groups) logits; ``arch: bit_r101
 trained MOS network instead of fine-tuning (``checkpoint`` is the base classifier's).
 
 Groups: ``groups`` (lists of in-distribution class indices covering every class once), else
-``n_groups`` contiguous groups of near-equal size. OpenOOD's CIFAR-10 MOS uses two groups
-(``cifar10_double_label.yml``, 12 logits); its group file is not in the repository, so the
-assignment is a stated assumption here. OpenOOD's trainer mixes the targets but feeds the
-un-mixed images; here both are mixed, as in the paper's code.
+``n_groups`` contiguous groups of near-equal size, else (both unset, the default) the groups the
+dataset declares (``DATASET_GROUPS``), as OpenOOD takes them from its double-label dataset
+configs: ``configs/datasets/cifar10/cifar10_double_label.yml`` (``num_classes: 12``: 10 classes in
+2 groups), ``cifar100_double_label.yml`` (120 logits: 100 classes in 20 groups),
+``imagenet200_double_label.yml`` (6 groups), ``imagenet_double_label.yml`` (8 groups). The
+members of each group are in OpenOOD's ``benchmark_imglist/*/train_*_mos.txt`` (``group_label``,
+``class_label`` per image, read by ``mos_trainer.py`` ``cal_group_slices`` with ``group_config:
+Auto``), which the repository does not ship; here CIFAR-100's groups are its 20 superclasses
+(the dataset's own coarse labels, five classes each, which 20 groups of 120 logits imply) and
+CIFAR-10's two are vehicles {airplane, automobile, ship, truck} and animals {the other six} — a
+stated assumption; give ``groups`` to use another assignment. Other datasets: two contiguous
+groups (recorded as ``groups_source``). A class subset (osr, a subset of normal classes) keeps the
+declared groups restricted to its classes.
+
+Mixup: OpenOOD's trainer (``mos_trainer.py`` lines 282-284) computes ``mixup_data(data, ...)`` but
+feeds the un-mixed ``data`` to the network, so only the targets are mixed (the loss is
+λ·L(y_a) + (1−λ)·L(y_b) on clean images) — the default here (``mixup_inputs: false``); the paper's
+code (deeplearning-wisc/large_scale_ood ``finetune.py`` lines 271-275) feeds the mixed images
+(``mixup_inputs: true``). Checkpoint: ``best`` by the group-softmax accuracy on the held-out split
+(OpenOOD's ``mos_evaluator.py`` accuracy, base recorder; ``scripts/ood/mos/cifar10_test_mos.sh``
+tests ``best.ckpt``).
 """
 from __future__ import annotations
 
@@ -36,9 +53,11 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from data.base import Split
+from data.datasets.cifar100 import COARSE_CLASSES, COARSE_OF_FINE, FINE_CLASSES
 from methods._classifier import (BiTResNet, ClassifierParams, build_network, classifier_affinity, describe_recipe,
                                  load_bit_npz, load_state, read_state_dict, resolve_checkpoint, run_training,
-                                 sgd, sha256_file, shared_classifier, predict_logits, train_data)
+                                 sgd, sha256_file, shared_classifier, predict_logits, train_data,
+                                 epoch_selector)
 from methods.base import Method, RunContext, Scores, register
 
 
@@ -47,7 +66,8 @@ class MOSParams(ClassifierParams):
     init_weights: str | None = None        # backbone weights: BiT .npz or a state dict (fc dropped)
     mos_checkpoint: str | None = None      # a trained MOS network: no fine-tuning
     groups: list[list[int]] | None = None
-    n_groups: int = Field(2, ge=1)
+    n_groups: int | None = Field(None, ge=1)   # None (and no groups): the dataset's groups
+    mixup_inputs: bool = False   # False: OpenOOD mixes the targets only; True: the paper's code
     ft_epochs: int = Field(30, ge=0)
     ft_batch_size: int = Field(128, ge=2)
     ft_lr: float = Field(0.003, gt=0)
@@ -85,6 +105,43 @@ def bit_lr(step: int, supports: list[int], base_lr: float) -> float | None:
         if s < step:
             lr /= 10
     return lr
+
+
+#: MOS groups a dataset declares, as class names per group (OpenOOD's double-label configs; see the
+#: module docstring for what is and is not OpenOOD's exact assignment).
+DATASET_GROUPS = {
+    "cifar10": (("airplane", "automobile", "ship", "truck"), ("bird", "cat", "deer", "dog", "frog", "horse")),
+    "cifar100": tuple(tuple(FINE_CLASSES[f] for f, c in enumerate(COARSE_OF_FINE) if c == g)
+                      for g in range(len(COARSE_CLASSES))),
+}
+FALLBACK_GROUPS = 2
+
+
+def dataset_groups(dataset: str, class_names: list[str]) -> list[list[int]] | None:
+    """The declared groups of ``dataset`` as indices into ``class_names`` (classes the split lacks
+    dropped, empty groups removed); None when the dataset declares none or a class is not covered."""
+    declared = DATASET_GROUPS.get(dataset)
+    if declared is None:
+        return None
+    index = {name: i for i, name in enumerate(class_names)}
+    groups = [[index[n] for n in group if n in index] for group in declared]
+    groups = [g for g in groups if g]
+    if sorted(c for g in groups for c in g) != list(range(len(class_names))):
+        return None
+    return groups
+
+
+def choose_groups(p: "MOSParams", train: Split, num_classes: int) -> tuple[list[list[int]], str]:
+    """(groups, where they come from): ``groups``, ``n_groups``, the dataset's, else two contiguous."""
+    if p.groups is not None or p.n_groups is not None:
+        source = "groups param" if p.groups is not None else f"n_groups={p.n_groups} contiguous"
+        return resolve_groups(p.groups, p.n_groups or FALLBACK_GROUPS, num_classes), source
+    dataset = str((train.meta or {}).get("dataset", "")).lower()
+    declared = dataset_groups(dataset, list(train.class_names))
+    if declared is not None and len(declared) <= num_classes:
+        return declared, f"declared for {dataset} (methods/mos.py DATASET_GROUPS)"
+    n = min(FALLBACK_GROUPS, num_classes)
+    return resolve_groups(None, n, num_classes), f"{n} contiguous (no groups declared for {dataset or 'this dataset'})"
 
 
 def resolve_groups(groups: list[list[int]] | None, n_groups: int, num_classes: int) -> list[list[int]]:
@@ -150,7 +207,9 @@ class MOS(Method):
     protocols = {"ood", "osr"}
     paper = "Huang & Li, MOS: Towards Scaling Out-of-distribution Detection for Large Semantic Space, CVPR 2021"
     reference = ("Jingkang50/OpenOOD@3c35632ee91b54b09d1f085d04f94744cece7d0b: "
-                 "openood/trainers/mos_trainer.py, openood/postprocessors/mos_postprocessor.py")
+                 "openood/trainers/mos_trainer.py, openood/postprocessors/mos_postprocessor.py, "
+                 "configs/datasets/cifar10/cifar10_double_label.yml, configs/datasets/cifar100/cifar100_double_label.yml; "
+                 "deeplearning-wisc/large_scale_ood@af75ddd3112e4f23a4f836509d05070842cdcf8c: finetune.py")
 
     def __init__(self, params: MOSParams, ctx: RunContext):
         super().__init__(params, ctx)
@@ -161,6 +220,8 @@ class MOS(Method):
         self.supports: list[int] | None = None
         self.mixup_alpha: float | None = None
         self.steps = 0
+        self.select = None
+        self.groups_source = None
 
     def _init_backbone(self, train: Split, net: nn.Module) -> str:
         p, ctx = self.params, self.ctx
@@ -186,7 +247,8 @@ class MOS(Method):
     def fit(self, train: Split) -> None:
         p, ctx = self.params, self.ctx
         self.data = data = train_data(p, train)
-        self.layout = layout = GroupLayout(resolve_groups(p.groups, p.n_groups, data.num_classes))
+        groups, self.groups_source = choose_groups(p, train, data.num_classes)
+        self.layout = layout = GroupLayout(groups)
         self.net = net = build_network(p.arch, layout.num_logits, p.width_scale, p.drop_rate, ctx.seed)
         if p.mos_checkpoint:
             path = resolve_checkpoint(p.mos_checkpoint)
@@ -197,7 +259,7 @@ class MOS(Method):
             return
         start = self._init_backbone(train, net)
         net.to(ctx.device)
-        n = len(data.y)
+        n = data.n_fit
         self.supports = list(p.schedule_steps) if p.schedule_steps else bit_supports(n)
         self.mixup_alpha = p.mixup if p.mixup is not None else (0.1 if n >= 20_000 else 0.0)
         opt = sgd(net.parameters(), p, lr=p.ft_lr, momentum=p.ft_momentum, weight_decay=p.ft_weight_decay,
@@ -211,7 +273,7 @@ class MOS(Method):
             if self.mixup_alpha > 0:
                 lam = state["lam"]
                 perm = torch.randperm(len(y), generator=g, device=x.device)
-                logits = net(lam * x + (1 - lam) * x[perm])
+                logits = net(lam * x + (1 - lam) * x[perm] if p.mixup_inputs else x)
                 loss = lam * layout.loss(logits, labels) + (1 - lam) * layout.loss(logits, labels[perm])
                 state["lam"] = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
             else:
@@ -219,9 +281,10 @@ class MOS(Method):
             self.steps = step + 1
             return loss
 
+        self.select = epoch_selector(p, data, (net,), lambda x: layout.others_and_pred(net(x))[1], ctx.device)
         run_training(data, step_fn, opt, epochs=p.ft_epochs, batch_size=p.ft_batch_size, augment=p.augment,
                      seed=ctx.seed, device=ctx.device, lr_at=lambda s: bit_lr(s, self.supports, p.ft_lr),
-                     modules=(net,), on_epoch=ctx.log_epoch)
+                     modules=(net,), on_epoch=ctx.log_epoch, select=self.select)
         self.source = start
 
     def score(self, test: Split) -> Scores:
@@ -232,8 +295,11 @@ class MOS(Method):
 
     def resolved_params(self) -> dict:
         out = self.params.model_dump(mode="json")
-        out.update(describe_recipe(self.params, self.data, self.source),
-                   groups_resolved=self.layout.groups if self.layout else None,
+        out.update(describe_recipe(self.params, self.data, self.source,
+                                   self.select.describe() if self.select else None),
+                   groups_resolved=self.layout.groups if self.layout else None, groups_source=self.groups_source,
+                   mixup_mode="images and targets (paper's finetune.py)" if self.params.mixup_inputs else
+                              "targets only (OpenOOD mos_trainer.py)",
                    num_logits=self.layout.num_logits if self.layout else None,
                    schedule_steps_resolved=self.supports, mixup_resolved=self.mixup_alpha, ft_steps=self.steps,
                    ft_optimizer=f"SGD(lr={self.params.ft_lr}, momentum={self.params.ft_momentum}, "

@@ -6,25 +6,35 @@ N(μ̂_k, Σ̂) (Eq. 1), estimated from a queue of the last ``sample_number`` fe
 virtual outliers are drawn from the low-likelihood region of each class's Gaussian: of
 ``sample_from`` samples, the ``select`` least likely (Eq. 2, the ε-likelihood boundary chosen by
 ranking as the released code does). The uncertainty loss (Eq. 5) is a logistic regression on
-the (learnable, weighted) energy that separates ID features (label 1) from virtual outliers
-(label 0): L_uncertainty = CE(φ(−E(v; θ)), label), with −E(x) = log Σ_k ReLU(w_k) exp f_k(x)
-(``log_sum_exp`` with ``weight_energy``); total loss L_CE + β L_uncertainty (Eq. 6, β =
-``loss_weight``). Synthesis starts at ``start_epoch`` once every queue is full (before, queues
-only fill); Σ̂ gets 1e-4·I.
+the weighted energy that separates ID features (label 1) from virtual outliers (label 0):
+L_uncertainty = CE(φ(−E(v; θ)), label), with −E(x) = log Σ_k ReLU(w_k) exp f_k(x); total loss
+L_CE + β L_uncertainty (Eq. 6, β = ``loss_weight``). Synthesis starts at ``start_epoch`` (epochs
+counted from 0) once every queue is full (before, queues only fill); Σ̂ gets 1e-4·I.
 
 Score (Sec. 3.2): the energy score −E(x) = log Σ_k exp f_k(x) (temperature 1, unweighted, as the
 released test code and OpenOOD's EBO postprocessor); the OOD score here is E(x) = −logsumexp (higher =
 more OOD). ``pred`` is the arg-max class.
 
-Defaults: the released CIFAR code (deeplearning-wisc/vos ``classification/CIFAR/train_virtual.py``):
-start_epoch 40, sample_number 1000, sample_from 10000, select 1, loss_weight 0.1, SGD 0.1 / 0.9
-Nesterov / 5e-4 with per-step cosine, 100 epochs, batch 128; the network defaults to OpenOOD
-v1.5's ResNet-18 32×32 (the paper: ``arch: wrn40_2``, dropout 0.3). OpenOOD's ``vos_trainer.py``
-re-creates ``weight_energy`` inside ``log_sum_exp`` and detaches the energies through a Python
-list, so its uncertainty loss trains only the logistic regression; here, as in the released VOS
-code, gradients reach the network and the energy weights. Outliers are drawn as μ + L z (L the
-Cholesky factor of Σ̂, z standard normal); with a shared Σ̂, the least likely samples of a class
-are those with the largest ‖z‖.
+Two coherent set-ups (``mode``), each recorded in the row and compared with its own numbers:
+
+* ``openood`` (default; OpenOOD v1.5's leaderboard rows): ``configs/pipelines/train/train_vos.yml``
+  (start_epoch 0, sample_number 1000, sample_from 10000, select 1, loss_weight 0.1, 100 epochs,
+  SGD 0.1 / 0.9 Nesterov / 5e-4, per-step cosine), ResNet-18 32×32, checkpoint ``best``
+  (base recorder, best.ckpt). Its ``vos_trainer.py`` ``log_sum_exp`` builds a fresh
+  ``nn.Linear(num_classes, 1)`` (default init) on every call, floors the energy at −1 and returns
+  it through a Python list (``output.cpu().detach().numpy().tolist()``): the energies carry no
+  gradient, so only the logistic regression learns from the uncertainty loss; the trainer's own
+  ``weight_energy`` is never used. Reproduced here: per call a fresh weight
+  U(−1/√K, 1/√K) (nn.Linear's default), ReLU-weighted log-sum-exp, floored at −1, detached.
+* ``paper`` (the released code, deeplearning-wisc/vos ``classification/CIFAR/train_virtual.py``):
+  WideResNet-40-2 (dropout 0.3), start_epoch 40, one learnable ``weight_energy`` (uniform init,
+  trained with the network) and gradients through both energies into the network; the weights of
+  the last epoch are kept (the script saves every epoch and deletes the previous file).
+
+``start_epoch``, ``arch`` and ``checkpoint_rule`` default to the mode's values; any of them can be
+set explicitly (then the row records the explicit value). Outliers are drawn as μ + L z (L the
+Cholesky factor of Σ̂, z standard normal); with a shared Σ̂, the least likely samples of a class are
+those with the largest ‖z‖.
 """
 from __future__ import annotations
 
@@ -32,27 +42,54 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from data.base import Split
 from methods._classifier import (ClassifierParams, build_network, cosine_schedule, describe_recipe, own_checkpoint,
-                                 predict_logits, run_training, sgd, steps_per_epoch, train_data)
+                                 predict_logits, run_training, sgd, steps_per_epoch, train_data,
+                                 argmax_of, epoch_selector)
 from methods.base import Method, RunContext, Scores, register
 
 
+#: The values each mode gives to the parameters left unset.
+MODE_DEFAULTS = {"openood": {"start_epoch": 0, "arch": "resnet18_32x32", "checkpoint_rule": "best"},
+                 "paper": {"start_epoch": 40, "arch": "wrn40_2", "checkpoint_rule": "last"}}
+
+
 class VOSParams(ClassifierParams):
-    start_epoch: int = Field(40, ge=0)
+    mode: Literal["openood", "paper"] = "openood"
+    start_epoch: int = Field(0, ge=0)
     sample_number: int = Field(1000, ge=2)
     sample_from: int = Field(10000, ge=1)
     select: int = Field(1, ge=1)
     loss_weight: float = Field(0.1, ge=0)
     cov_reg: float = Field(1e-4, ge=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_defaults(cls, data):
+        if isinstance(data, dict):
+            mode = data.get("mode", "openood")
+            data = {**MODE_DEFAULTS.get(mode, {}), **data}
+        return data
+
 
 def weighted_logsumexp(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """log Σ_k ReLU(w_k) exp(f_k): the energy with learnable class weights (released log_sum_exp)."""
     m = logits.max(dim=1, keepdim=True).values
     return m.squeeze(1) + torch.log(torch.sum(F.relu(weight) * torch.exp(logits - m), dim=1))
+
+
+def openood_energy(logits: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """OpenOOD's ``vos_trainer.log_sum_exp``: a fresh weight U(−1/√K, 1/√K) (nn.Linear's default
+    init) per call, the ReLU-weighted log-sum-exp floored at −1, detached (no gradient)."""
+    k = logits.shape[1]
+    bound = 1.0 / np.sqrt(k)
+    weight = (torch.rand(1, k, generator=g, device=logits.device) * 2 - 1) * bound
+    with torch.no_grad():
+        return weighted_logsumexp(logits.detach(), weight).clamp_min(-1.0)
 
 
 class ClassQueues:
@@ -112,7 +149,9 @@ class VOS(Method):
     protocols = {"ood", "osr"}
     paper = "Du, Wang, Cai & Li, VOS: Learning What You Don't Know by Virtual Outlier Synthesis, ICLR 2022"
     reference = ("Jingkang50/OpenOOD@3c35632ee91b54b09d1f085d04f94744cece7d0b: "
-                 "openood/trainers/vos_trainer.py, openood/postprocessors/ebo_postprocessor.py")
+                 "openood/trainers/vos_trainer.py, configs/pipelines/train/train_vos.yml, "
+                 "openood/postprocessors/ebo_postprocessor.py; deeplearning-wisc/vos@"
+                 "6dd9c2748de1f261c0ae898df130ec9558c60268: classification/CIFAR/train_virtual.py (mode paper)")
 
     def __init__(self, params: VOSParams, ctx: RunContext):
         super().__init__(params, ctx)
@@ -120,6 +159,7 @@ class VOS(Method):
         self.data = None
         self.source = None
         self.synthesis_steps = 0
+        self.select = None
 
     def fit(self, train: Split) -> None:
         p, ctx = self.params, self.ctx
@@ -139,7 +179,9 @@ class VOS(Method):
             nn.init.uniform_(weight_energy.weight)
             logistic = nn.Linear(1, 2).to(ctx.device)
         opt = sgd(list(self.net.parameters()) + list(weight_energy.parameters()) + list(logistic.parameters()), p)
-        total = p.epochs * steps_per_epoch(len(data.y), p.batch_size)
+        total = p.epochs * steps_per_epoch(data.n_fit, p.batch_size)
+        self.select = epoch_selector(p, data, (self.net,), argmax_of(self.net), ctx.device)
+        g_energy = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 4)
         queues = ClassQueues(data.num_classes, p.sample_number, self.net.feature_dim, ctx.device)
         g = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 2)
 
@@ -152,8 +194,12 @@ class VOS(Method):
             if synthesise:
                 means, cov = queues.gaussians(p.cov_reg)
                 outliers = virtual_outliers(means, cov, p.sample_from, p.select, g)
-                e_id = weighted_logsumexp(logits, weight_energy.weight)
-                e_ood = weighted_logsumexp(self.net.fc(outliers), weight_energy.weight)
+                if p.mode == "paper":
+                    e_id = weighted_logsumexp(logits, weight_energy.weight)
+                    e_ood = weighted_logsumexp(self.net.fc(outliers), weight_energy.weight)
+                else:
+                    e_id = openood_energy(logits, g_energy)
+                    e_ood = openood_energy(self.net.fc(outliers), g_energy)
                 inp = torch.cat((e_id, e_ood)).view(-1, 1)
                 target = torch.cat((torch.ones(len(e_id)), torch.zeros(len(e_ood)))).long().to(x.device)
                 reg = F.cross_entropy(logistic(inp), target)
@@ -162,7 +208,7 @@ class VOS(Method):
 
         run_training(data, step_fn, opt, epochs=p.epochs, batch_size=p.batch_size, augment=p.augment,
                      seed=ctx.seed, device=ctx.device, lr_at=cosine_schedule(p, total),
-                     modules=(self.net, weight_energy, logistic), on_epoch=ctx.log_epoch)
+                     modules=(self.net, weight_energy, logistic), on_epoch=ctx.log_epoch, select=self.select)
         self.source = "trained"
 
     def score(self, test: Split) -> Scores:
@@ -172,7 +218,13 @@ class VOS(Method):
 
     def resolved_params(self) -> dict:
         out = self.params.model_dump(mode="json")
-        out.update(describe_recipe(self.params, self.data, self.source), synthesis_steps=self.synthesis_steps,
+        out.update(describe_recipe(self.params, self.data, self.source,
+                                   self.select.describe() if self.select else None),
+                   synthesis_steps=self.synthesis_steps,
+                   uncertainty_energy=("learnable ReLU(weight_energy) log-sum-exp, gradients into the network "
+                                       "(train_virtual.py)" if self.params.mode == "paper" else
+                                       "fresh random weights per call, floored at -1, detached: only the "
+                                       "logistic regression learns (OpenOOD vos_trainer.py log_sum_exp)"),
                    feature_dim=getattr(self.net, "feature_dim", None),
                    score="energy = -logsumexp(logits) (T = 1)")
         return out

@@ -103,6 +103,17 @@ def sample_maps_blob(test, scores, masks_small, transform=None) -> bytes | None:
     return buf.getvalue()
 
 
+def ood_setting(tests) -> dict:
+    """What the ood protocol did to the cell's OOD sets, for the report's comparability check:
+    ``ood_lists`` "filtered" only when every OOD set was restricted by an image list (OpenOOD's
+    benchmark_imglist: TIN and Places365 drop the images overlapping CIFAR), else "full";
+    ``ood_resize`` per set."""
+    metas = [t.meta or {} for _, t in tests]
+    lists = {m.get("ood_set"): m.get("ood_list", "full") for m in metas}
+    return {"ood_lists": "filtered" if lists and all(v == "filtered" for v in lists.values()) else "full",
+            "ood_list_per_set": lists, "ood_resize": {m.get("ood_set"): m.get("ood_resize") for m in metas}}
+
+
 def base_row(cell: Cell, run_id: str, attempt: int) -> dict:
     return {"run_id": run_id, "cell_id": cell.cell_id, "base_cell_id": cell.cell_id,
             "method": cell.method, "params": canonical(cell.params), "dataset": cell.dataset,
@@ -173,6 +184,8 @@ def run_cell(cell: Cell, *, run_id: str = "", attempt: int = 1, device: str = "c
                 fit_s=fit_s, score_s=score_s, n_train=len(train), n_test=len(test))
             rows.append(row)
         resolved = method.resolved_params()
+        if cell.protocol == "ood" and resolved is not None:
+            resolved = {**resolved, **ood_setting(tests)}
     except Exception as exc:  # a failed cell is data, not a crash of the grid
         row = failure_row(cell, run_id, attempt, "failed", f"{type(exc).__name__}: {exc}",
                           traceback.format_exc())

@@ -46,6 +46,11 @@ class Cell:
                  else self.normal_class, "seed": self.seed}
         if self.ood:
             ident["ood"] = sorted(self.ood)
+        ood_content = {name: {k: v for k, v in (params or {}).items() if k not in LOCATION_PARAMS | {"images_root"}}
+                       for name, params in (self.ood_params or {}).items()}
+        ood_content = {name: params for name, params in ood_content.items() if params}
+        if ood_content:   # an OOD image list or resize rule changes what the cell measures
+            ident["ood_params"] = ood_content
         return ident
 
     @property

@@ -211,3 +211,58 @@ def test_ood_on_a_defect_dataset_keeps_only_normal_test_images(tmp_path, mvtec):
     assert len(train) == 4 and train.class_names == ["bottle"] and (train.targets == 0).all()
     assert test.images.shape == (2 + 20, 24, 20, 3) and test.labels.tolist() == [0] * 2 + [1] * 20
     assert "subset=normal" in test.key and test.masks is None
+
+
+def test_ood_images_resize_the_short_side_and_centre_crop_as_openood():
+    """OpenOOD's test preprocessor: Resize(32) of the short side, CenterCrop(32)
+    (openood/evaluation_api/preprocessor.py); ``squash`` keeps the old both-sides resize."""
+    from data.protocols import short_side_geometry
+
+    assert short_side_geometry(375, 500, 32, 32) == (32, 42, 0, 5)      # torchvision: int(32·500/375) = 42
+    assert short_side_geometry(500, 375, 32, 32) == (42, 32, 5, 0)
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, :20] = (255, 0, 0)       # red outer quarters, blue middle: a centre crop sees only blue
+    wide[:, 60:] = (255, 0, 0)
+    wide[:, 20:60] = (0, 0, 255)
+    crop = convert_images(wide[None], 20, 20, 3)
+    squash = convert_images(wide[None], 20, 20, 3, resize="squash")
+    assert crop.shape == squash.shape == (1, 20, 20, 3)
+    assert crop[0, :, 1:-1, 0].max() <= 2 and crop[0, :, 1:-1, 2].min() >= 253   # edge columns: filter taps
+    assert squash[0, :, :4, 0].min() >= 250                              # squashed: the red stays
+    import torchvision.transforms as T
+    from PIL import Image
+
+    ref = np.asarray(T.CenterCrop(20)(T.Resize(20)(Image.fromarray(wide))))
+    assert np.abs(ref.astype(int) - crop[0].astype(int)).max() <= 2
+
+
+def test_ood_image_lists_and_the_ood_lists_setting(tmp_path, cifar, cache_dir):
+    """An OpenOOD benchmark_imglist file replaces an OOD set's test side; a cell records
+    ood_lists "filtered" only when every OOD set used a list."""
+    from orchestrator.cell import ood_setting
+
+    write_svhn(tmp_path / "svhn")
+    write_mnist(tmp_path / "mnist")
+    images = tmp_path / "images_classic"
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        save_png(images / "svhn" / "test" / f"{i}.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    listing = tmp_path / "test_svhn.txt"
+    listing.write_text("".join(f"svhn/test/{i}.png -1\n" for i in range(3)))
+    listed = {"root": str(tmp_path / "svhn"), "image_list": str(listing), "images_root": str(images)}
+    _, tests = make_splits("cifar10", cifar, "ood", "all", ood=["svhn", "mnist"],
+                           ood_params={"svhn": listed, "mnist": {"root": str(tmp_path / "mnist")}})
+    svhn, mnist = tests[0][1], tests[1][1]
+    assert len(svhn) == 20 + 3 and svhn.meta["ood_list"] == "filtered" and mnist.meta["ood_list"] == "full"
+    assert svhn.meta["ood_resize"] == "short_side_crop"
+    assert ood_setting(tests)["ood_lists"] == "full"                     # mnist was not filtered
+    assert ood_setting(tests[:1])["ood_lists"] == "filtered"
+    _, ((_, only),) = make_splits("cifar10", cifar, "ood", "all", ood=["svhn"],
+                             ood_params={"svhn": {"root": str(tmp_path / "svhn")}})
+    assert only.key != svhn.key and len(only) == 40
+    with pytest.raises(DataError, match="images_root"):
+        make_splits("cifar10", cifar, "ood", "all", ood=["svhn"],
+                    ood_params={"svhn": {"root": str(tmp_path / "svhn"), "image_list": str(listing)}})
+    with pytest.raises(DataError, match="resize"):
+        make_splits("cifar10", cifar, "ood", "all", ood=["svhn"],
+                    ood_params={"svhn": {"root": str(tmp_path / "svhn"), "resize": "stretch"}})

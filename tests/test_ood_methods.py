@@ -34,7 +34,9 @@ from metrics import evaluate
 
 OOD_METHODS = ("msp", "gram", "openmax", "mos", "conf_branch", "vos")
 SHARED = ("msp", "gram", "openmax", "mos")          # take the shared classifier
-TINY = dict(image_size=16, width_scale=0.0625, epochs=5, batch_size=64, lr=0.05, augment="none")
+# checkpoint_rule best (the default) with 10% held out: digits has ~100 images a class, 2% would be 2
+TINY = dict(image_size=16, width_scale=0.0625, epochs=5, batch_size=64, lr=0.05, augment="none",
+            checkpoint_val_fraction=0.1)
 EXTRA = {
     "msp": {}, "gram": {"powers": [1, 2, 3]}, "openmax": {"tailsize": 10},
     "mos": {"ft_epochs": 5, "ft_batch_size": 64, "ft_lr": 0.05, "schedule_steps": [5, 30, 40, 50, 60]},
@@ -100,11 +102,14 @@ def test_registered_for_ood_and_osr_with_openood_defaults():
     assert (om.tailsize, om.alpha, om.distance) == (20, 3, "euclidean")
     cb = methods.METHODS["conf_branch"].Params()
     assert (cb.budget, cb.lmbda, cb.eps) == (0.3, 0.1, 1e-12)
-    v = methods.METHODS["vos"].Params()
-    assert (v.start_epoch, v.sample_number, v.sample_from, v.select, v.loss_weight) == (40, 1000, 10000, 1, 0.1)
+    for name in OOD_METHODS:   # OpenOOD keeps best.ckpt by validation accuracy (base_recorder.py)
+        assert methods.METHODS[name].Params().checkpoint_rule == "best"
+    v = methods.METHODS["vos"].Params()   # OpenOOD's train_vos.yml (start_epoch 0) by default
+    assert (v.mode, v.start_epoch, v.sample_number, v.sample_from, v.select, v.loss_weight) == \
+        ("openood", 0, 1000, 10000, 1, 0.1)
     m = methods.METHODS["mos"].Params()
-    assert (m.ft_lr, m.ft_epochs, m.ft_batch_size, m.ft_weight_decay, m.n_groups, m.init) == \
-        (0.003, 30, 128, 0.0, 2, "classifier")
+    assert (m.ft_lr, m.ft_epochs, m.ft_batch_size, m.ft_weight_decay, m.n_groups, m.init, m.mixup_inputs) == \
+        (0.003, 30, 128, 0.0, None, "classifier", False)
     with pytest.raises(Exception):
         create("msp", {"bogus": 1}, RunContext())
 
@@ -452,3 +457,96 @@ def test_ood_grid_on_ray_one_row_per_ood_set_and_one_shared_classifier(ray_local
     row = df.loc["gram"]
     assert json.loads(row["resolved_params"])["powers"] == [1, 2, 3]
     assert len(row["labels"]) == row["n_test"] == 719 + 10_000
+
+
+# ------------------------------------------------------------------------------------------
+# OpenOOD v1.5 defaults pinned: MOS groups per dataset, VOS modes, the checkpoint rule
+
+def _split_of(dataset: str, class_names: list[str]):
+    from data.base import Split
+
+    n = len(class_names)
+    return Split(images=np.zeros((n, 4, 4, 3), np.uint8), labels=np.zeros(n, np.int64),
+                 targets=np.arange(n), class_names=list(class_names), key=dataset, meta={"dataset": dataset})
+
+
+def test_mos_groups_per_dataset_as_openood_double_label_configs():
+    from data.datasets.cifar10 import CIFAR10_CLASSES
+    from data.datasets.cifar100 import FINE_CLASSES
+    from methods.mos import MOSParams, choose_groups
+
+    p = MOSParams()
+    groups, _ = choose_groups(p, _split_of("cifar100", FINE_CLASSES), 100)
+    assert len(groups) == 20 and all(len(g) == 5 for g in groups)          # 120 logits (cifar100_double_label.yml)
+    names = {frozenset(FINE_CLASSES[i] for i in g) for g in groups}
+    assert frozenset({"beaver", "dolphin", "otter", "seal", "whale"}) in names     # CIFAR-100's superclasses
+    assert frozenset({"lawn_mower", "rocket", "streetcar", "tank", "tractor"}) in names
+    groups, _ = choose_groups(p, _split_of("cifar10", CIFAR10_CLASSES), 10)
+    assert [[CIFAR10_CLASSES[i] for i in g] for g in groups] == \
+        [["airplane", "automobile", "ship", "truck"], ["bird", "cat", "deer", "dog", "frog", "horse"]]
+    assert GroupLayout(groups).num_logits == 12                            # cifar10_double_label.yml
+    groups, _ = choose_groups(p, _split_of("cifar10", ["cat", "dog", "ship"]), 3)   # a class subset
+    assert groups == [[2], [0, 1]]
+    groups, source = choose_groups(p, _split_of("digits", list("0123456789")), 10)
+    assert groups == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and "contiguous" in source
+    assert len(choose_groups(MOSParams(n_groups=5), _split_of("cifar100", FINE_CLASSES), 100)[0]) == 5
+
+
+def test_vos_modes_openood_and_paper():
+    from methods.vos import VOSParams, openood_energy
+
+    o, pp = VOSParams(), VOSParams(mode="paper")
+    assert (o.mode, o.start_epoch, o.arch, o.checkpoint_rule) == ("openood", 0, "resnet18_32x32", "best")
+    assert (pp.start_epoch, pp.arch, pp.checkpoint_rule) == (40, "wrn40_2", "last")
+    assert VOSParams(mode="paper", start_epoch=3, arch="resnet18_32x32").start_epoch == 3
+    logits = torch.randn(8, 10, requires_grad=True) * 5
+    g = torch.Generator().manual_seed(0)
+    a, b = openood_energy(logits, g), openood_energy(logits, g)
+    assert not a.requires_grad and a.min() >= -1.0 and not torch.equal(a, b)   # detached, floored, fresh weights
+    weight = torch.ones(1, 10, requires_grad=True)
+    weighted_logsumexp(logits, weight).sum().backward()                         # paper: gradient reaches w
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_vos_modes_fit_and_record_their_setting(osr_run):
+    for mode in ("openood", "paper"):
+        ctx = RunContext(seed=0, cache=ArtifactCache())
+        method = create("vos", params_of("vos", mode=mode, arch="resnet18_32x32", start_epoch=0, epochs=2), ctx)
+        method.fit(osr_run["train"])
+        rp = method.resolved_params()
+        assert rp["mode"] == mode and rp["synthesis_steps"] > 0
+        assert rp["checkpoint_rule"] == ("best" if mode == "openood" else "last")
+        assert ("detached" in rp["uncertainty_energy"]) == (mode == "openood")
+        assert (rp.get("best_epoch") is not None) == (mode == "openood")
+
+
+def test_best_epoch_keeps_the_most_accurate_epoch_ties_to_the_later():
+    from methods._classifier import BestEpoch, Inputs, TrainData, holdout_indices
+
+    y = np.repeat(np.arange(4), 50)
+    fit, val = holdout_indices(y, 0.1)
+    assert len(val) == 20 and np.bincount(y[val]).tolist() == [5, 5, 5, 5]
+    assert not set(fit) & set(val) and np.array_equal(holdout_indices(y, 0.1)[1], val)   # fixed, disjoint
+    net = torch.nn.Linear(1, 1)
+    data = TrainData(torch.zeros(len(y), 3, 2, 2, dtype=torch.uint8), torch.from_numpy(y), 4,
+                     Inputs(2, (0.5,) * 3, (0.5,) * 3, "test"), torch.from_numpy(fit), torch.from_numpy(val))
+    right = data.y[data.val_idx]
+    # the network's bias decides how many validation images it gets right: bias b -> first b·4 right
+    predict = lambda x: torch.where(torch.arange(len(x)) < int(net.bias.item()) * 4, right[:len(x)],
+                                    (right[:len(x)] + 1) % 4)
+    keeper = BestEpoch(data, (net,), predict, "cpu")
+    for epoch, bias in enumerate([1, 4, 2, 4, 3], start=1):
+        with torch.no_grad():
+            net.bias.fill_(bias)
+            net.weight.fill_(epoch)
+        keeper.update(epoch)
+    keeper.restore()
+    assert keeper.best_epoch == 4 and keeper.best_acc == pytest.approx(0.8)     # 0.8 at epochs 2 and 4: the later
+    assert net.weight.item() == 4 and keeper.describe()["val_acc_curve"] == [0.2, 0.8, 0.4, 0.8, 0.6]
+
+
+def test_checkpoint_rule_recorded_and_validation_held_out(osr_run):
+    for name in OOD_METHODS:
+        rp = osr_run["runs"][name]["resolved"]
+        assert rp["checkpoint_rule"] == "best" and rp["n_val"] > 0 and "held out" in rp["validation_split"]
+        assert rp["best_epoch"] is not None and len(rp["val_acc_curve"]) >= 1
