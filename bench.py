@@ -93,11 +93,18 @@ def parse_only(items: list[str]) -> dict[str, list[str]]:
     return only
 
 
+# methods whose rows are a reference line, not a detector: the summary table labels them
+BASELINES = {"noop": "chance baseline"}
+
+
 def summary_table(df) -> str:
+    """Mean image / pixel AUROC and seconds per (dataset, protocol, method); a baseline's rows are
+    labelled with what they are, e.g. ``noop (chance baseline)``."""
     import pandas as pd
 
     if df.empty:
         return "(no rows)"
+    df = df.assign(method=df["method"].map(lambda m: f"{m} ({BASELINES[m]})" if m in BASELINES else m))
     g = df.groupby(["dataset", "protocol", "method"], dropna=False)
     table = pd.DataFrame({
         "rows": g.size(),

@@ -79,3 +79,30 @@ def test_splits_and_params_validation(tmp_path, monkeypatch):
         create_dataset("synthetic", {"categories": ["plaid"]})
     with pytest.raises(ValidationError):
         create_dataset("synthetic", {"image_size": 8})
+
+
+def test_defect_scale_grows_the_same_defects(tmp_path, monkeypatch):
+    """defect_scale multiplies each drawn extent after the same random draws: scale 1 is the default
+    set byte for byte, scale 2 draws each defect at the same place with a larger mask (a missing
+    print keeps its size)."""
+    monkeypatch.setenv("ADGRID_CACHE", str(tmp_path))
+    params = {**SMALL, "n_test_defect": 8, "categories": ["disc", "weave"]}
+    masks = {}
+    for scale in (None, 1.0, 2.0):
+        extra = {} if scale is None else {"defect_scale": scale}
+        for category in ("disc", "weave"):
+            test = create_dataset("synthetic", {**params, **extra, "categories": [category]}).load("test")
+            masks[scale, category] = (test.masks.astype(bool), test.images, list(test.meta["defect"]))
+    for category in ("disc", "weave"):
+        base, one, two = masks[None, category], masks[1.0, category], masks[2.0, category]
+        np.testing.assert_array_equal(base[1], one[1])
+        assert base[2] == two[2]
+        for m1, m2, defect in zip(base[0], two[0], base[2]):
+            if defect == "good":
+                assert not m1.any() and not m2.any()
+            elif defect == "missing_print":
+                np.testing.assert_array_equal(m1, m2)
+            else:
+                assert m2.sum() > 1.5 * m1.sum() and (m1 & m2).any(), (category, defect)
+    with pytest.raises(ValidationError):
+        create_dataset("synthetic", {"defect_scale": 0})

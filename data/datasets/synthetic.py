@@ -13,6 +13,10 @@ Categories (defect types):
 Normal images vary in pose, phase, colour and lighting; defect strength and size are drawn from
 ranges that include subtle cases, so the set is learnable but not trivially separable. A mask
 marks the pixels a defect covers by at least one half, and every pixel the defect changed.
+``defect_scale`` multiplies every drawn extent of a defect (radii, lengths, line widths; a missing
+print or pin keeps its size) after the same random draws, so scale 1 gives the ranges above and
+another scale the same defects, at the same places, larger or smaller: small images seen through
+coarse features (a random-init backbone at 64 px) need larger defects than 1-2 px lines.
 """
 from __future__ import annotations
 
@@ -131,10 +135,11 @@ def paint(canvas: Canvas, cover: np.ndarray, colour) -> Canvas:
 
 
 def random_segment(rng: np.random.Generator, size: int, length: tuple[float, float],
-                   centre: tuple[float, float] | None = None, spread: float = 0.3) -> np.ndarray:
+                   centre: tuple[float, float] | None = None, spread: float = 0.3,
+                   scale: float = 1.0) -> np.ndarray:
     cy, cx = centre or (size / 2, size / 2)
     mid = np.array([cy, cx]) + rng.uniform(-spread, spread, 2) * size
-    half = rng.uniform(*length) * size / 2
+    half = rng.uniform(*length) * size / 2 * scale
     angle = rng.uniform(0, np.pi)
     step = half * np.array([np.sin(angle), np.cos(angle)])
     return np.stack([mid - step, mid + step])
@@ -151,9 +156,14 @@ def random_walk(rng: np.random.Generator, size: int, steps: int, step_len: float
     return np.stack(points)
 
 
-def line_width(rng: np.random.Generator, size: int) -> float:
-    """A scratch / crack width: 1.5..2.5 px at 96 px, scaled with the image size."""
-    return rng.uniform(1.5, 2.5) * size / 96
+def line_width(rng: np.random.Generator, ctx: dict) -> float:
+    """A scratch / crack width: 1.5..2.5 px at 96 px, scaled with the image size and defect scale."""
+    return rng.uniform(1.5, 2.5) * ctx["size"] / 96 * ctx.get("scale", 1.0)
+
+
+def extent(ctx: dict, value):
+    """A drawn defect extent (radius, length) times the defect scale."""
+    return value * ctx.get("scale", 1.0)
 
 
 def as_mask(cover: np.ndarray) -> np.ndarray:
@@ -184,14 +194,15 @@ def weave_normal(rng, size):
 
 def weave_scratch(rng, canvas, ctx):
     size = ctx["size"]
-    cover = polyline_cover(size, random_segment(rng, size, (0.15, 0.45)), line_width(rng, size))
+    cover = polyline_cover(size, random_segment(rng, size, (0.15, 0.45), scale=ctx.get("scale", 1.0)),
+                           line_width(rng, ctx))
     shift = random_sign(rng) * rng.uniform(40, 70)
     return paint(canvas, cover, ctx["base"] + shift), as_mask(cover)
 
 
 def weave_stain(rng, canvas, ctx):
     size = ctx["size"]
-    cover = ellipse_cover(size, *rng.uniform(0.2, 0.8, 2) * size, *rng.uniform(0.06, 0.12, 2) * size,
+    cover = ellipse_cover(size, *rng.uniform(0.2, 0.8, 2) * size, *extent(ctx, rng.uniform(0.06, 0.12, 2) * size),
                           rng.uniform(0, np.pi))
     tint = np.array([90, 60, 40], dtype=np.float32) + rng.normal(0, 20, 3)
     strength = rng.uniform(0.5, 0.8)
@@ -200,7 +211,7 @@ def weave_stain(rng, canvas, ctx):
 
 def weave_hole(rng, canvas, ctx):
     size = ctx["size"]
-    cover = ellipse_cover(size, *rng.uniform(0.2, 0.8, 2) * size, *rng.uniform(0.05, 0.09, 2) * size,
+    cover = ellipse_cover(size, *rng.uniform(0.2, 0.8, 2) * size, *extent(ctx, rng.uniform(0.05, 0.09, 2) * size),
                           rng.uniform(0, np.pi))
     hole = ctx["base"] * rng.uniform(0.45, 0.7) + rng.normal(0, 3, canvas.shape)
     return canvas * (1 - cover[..., None]) + hole * cover[..., None], as_mask(cover)
@@ -215,14 +226,15 @@ def granite_normal(rng, size):
 
 def granite_crack(rng, canvas, ctx):
     size = ctx["size"]
-    cover = polyline_cover(size, random_walk(rng, size, int(rng.integers(4, 9)), size * rng.uniform(0.04, 0.07)),
-                           line_width(rng, size))
+    cover = polyline_cover(size, random_walk(rng, size, int(rng.integers(4, 9)),
+                                             extent(ctx, size * rng.uniform(0.04, 0.07))),
+                           line_width(rng, ctx))
     return paint(canvas, cover * rng.uniform(0.7, 1.0), [ctx["level"] - 80]), as_mask(cover)
 
 
 def granite_spot(rng, canvas, ctx):
     size = ctx["size"]
-    cover = ellipse_cover(size, *rng.uniform(0.2, 0.8, 2) * size, *rng.uniform(0.04, 0.08, 2) * size,
+    cover = ellipse_cover(size, *rng.uniform(0.2, 0.8, 2) * size, *extent(ctx, rng.uniform(0.04, 0.08, 2) * size),
                           rng.uniform(0, np.pi))
     shift = random_sign(rng) * rng.uniform(40, 70)
     return canvas + (cover * shift)[..., None], as_mask(cover)
@@ -230,7 +242,7 @@ def granite_spot(rng, canvas, ctx):
 
 def granite_smear(rng, canvas, ctx):
     size = ctx["size"]
-    cover = ellipse_cover(size, *rng.uniform(0.25, 0.75, 2) * size, *rng.uniform(0.08, 0.14, 2) * size,
+    cover = ellipse_cover(size, *rng.uniform(0.25, 0.75, 2) * size, *extent(ctx, rng.uniform(0.08, 0.14, 2) * size),
                           rng.uniform(0, np.pi))
     smeared = gaussian_filter(canvas[..., 0], rng.uniform(2.0, 3.5))[..., None] + random_sign(rng) * rng.uniform(30, 50)
     return canvas * (1 - cover[..., None]) + smeared * cover[..., None], as_mask(cover)
@@ -259,7 +271,7 @@ def disc_bite(rng, canvas, ctx):
     size, radius = ctx["size"], ctx["radius"]
     angle = rng.uniform(0, 2 * np.pi)
     cover = disc_cover(size, ctx["cy"] + radius * np.sin(angle), ctx["cx"] + radius * np.cos(angle),
-                       radius * rng.uniform(0.08, 0.18)) * ctx["body"]
+                       extent(ctx, radius * rng.uniform(0.08, 0.18))) * ctx["body"]
     fill = ctx["background"] + rng.normal(0, 4, canvas.shape)
     return canvas * (1 - cover[..., None]) + fill * cover[..., None], as_mask(cover)
 
@@ -268,15 +280,16 @@ def disc_spot(rng, canvas, ctx):
     size, radius = ctx["size"], ctx["radius"]
     angle, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.75) * radius
     cover = disc_cover(size, ctx["cy"] + dist * np.sin(angle), ctx["cx"] + dist * np.cos(angle),
-                       size * rng.uniform(0.02, 0.05))
+                       extent(ctx, size * rng.uniform(0.02, 0.05)))
     tint = ctx["colour"] * rng.uniform(0.55, 0.85)
     return paint(canvas, cover, tint), as_mask(cover)
 
 
 def disc_crack(rng, canvas, ctx):
     size = ctx["size"]
-    line = random_segment(rng, size, (0.1, 0.3), centre=(ctx["cy"], ctx["cx"]), spread=0.12)
-    cover = polyline_cover(size, line, line_width(rng, size)) * ctx["body"]
+    line = random_segment(rng, size, (0.1, 0.3), centre=(ctx["cy"], ctx["cx"]), spread=0.12,
+                          scale=ctx.get("scale", 1.0))
+    cover = polyline_cover(size, line, line_width(rng, ctx)) * ctx["body"]
     return paint(canvas, cover * rng.uniform(0.6, 1.0), [70, 55, 30]), as_mask(cover)
 
 
@@ -342,8 +355,9 @@ def chip_bent_pin(rng, canvas, ctx):
 
 def chip_scratch(rng, canvas, ctx):
     size = ctx["size"]
-    line = random_segment(rng, size, (0.1, 0.3), centre=(ctx["cy"], ctx["cx"]), spread=0.08)
-    cover = polyline_cover(size, line, line_width(rng, size)) * ctx["body"]
+    line = random_segment(rng, size, (0.1, 0.3), centre=(ctx["cy"], ctx["cx"]), spread=0.08,
+                          scale=ctx.get("scale", 1.0))
+    cover = polyline_cover(size, line, line_width(rng, ctx)) * ctx["body"]
     return paint(canvas, cover * rng.uniform(0.6, 1.0), [170, 170, 170]), as_mask(cover)
 
 
@@ -366,6 +380,7 @@ class SyntheticParams(DatasetParams):
     n_test_good: int = Field(16, ge=1)
     n_test_defect: int = Field(24, ge=1)
     image_size: int = Field(96, ge=32, le=512)
+    defect_scale: float = Field(1.0, gt=0, le=4)
     seed: int = 0
 
     @field_validator("categories")
@@ -392,10 +407,12 @@ def image_rng(seed: int, category: str, side: str, index: int) -> np.random.Gene
 
 
 def draw_defect(rng: np.random.Generator, normal: Callable, defect: Defect, size: int,
-                attempts: int = 10) -> tuple[np.ndarray, np.ndarray]:
+                attempts: int = 10, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """A defect image and its mask: the defect's half-covered pixels plus every pixel it changed.
-    A draw that changes nothing (clipped away) is drawn again from the same stream."""
+    A draw that changes nothing (clipped away) is drawn again from the same stream. ``scale``: the
+    defect scale (see the module doc)."""
     canvas, ctx = normal(rng, size)
+    ctx["scale"] = scale
     before = to_uint8(canvas)
     for _ in range(attempts):
         drawn, mask = defect(rng, canvas, ctx)
@@ -420,7 +437,7 @@ def generate_category(folder: Path, category: str, params: SyntheticParams) -> N
     for i in range(params.n_test_defect):
         rng = image_rng(params.seed, category, "defect", i)
         name = names[i % len(names)]
-        pixels, mask = draw_defect(rng, normal, defects[name], size)
+        pixels, mask = draw_defect(rng, normal, defects[name], size, scale=params.defect_scale)
         stem = f"{counters[name]:03d}"
         counters[name] += 1
         save_png(folder / "test" / name / f"{stem}.png", pixels)
