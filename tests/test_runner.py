@@ -439,3 +439,28 @@ def test_resume_after_the_driver_is_killed(tmp_path, sig):
     assert "10 already done, 0 to run" in third.stdout
     if "RAY_TMPDIR" in env:
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_drivers_on_one_results_folder(tmp_path, capsys, ray_must_not_start):
+    """The issue's case with two real drivers: the second, started while the first runs, exits 2
+    naming the first's pid; the first finishes every cell, each written once."""
+    import socket
+
+    path = write_grid(tmp_path / "g.yaml", grid_text("two", "- name: noop\n  params: {sleep_s: 4.0}\n",
+                                                      classes="[0, 1, 2, 3]"))
+    results = tmp_path / "results"
+    import bench, methods  # noqa: E401,F401  imported before: the second driver then reaches the lock in ~1 s
+    first = subprocess.Popen([sys.executable, str(ROOT / "bench.py"), str(path), "--results", str(results),
+                              "--quiet", "--no-report", "--workers", "1", "--node-ip", "127.0.0.5"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rows_dir = results / "two" / "rows"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(rows_dir.glob("*.parquet")) and first.poll() is None:
+        time.sleep(0.2)
+    status, out, err = bench_main([path, "--results", results, "--quiet"], capsys)
+    first_out = first.communicate(timeout=240)[0]
+    assert status == 2 and f"pid {first.pid} on host {socket.gethostname()}" in err, out + err + first_out
+    assert first.returncode == 0 and "ok 4, failed 0" in first_out, first_out
+    df = pd.read_parquet(rows_dir)
+    assert len(df) == 4 and df["cell_id"].is_unique
