@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -19,9 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1  # no cell of the run succeeded, or the results could not be written
+EXIT_BAD_INPUT = 2  # also: results folder not writable, run folder held by another driver
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 EXIT_TERMINATED = 128 + signal.SIGTERM
+#: I/O errors that are the results folder's (said in one line, no traceback)
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
+                  errno.ENOTDIR, errno.EEXIST}
 
 
 class Terminated(KeyboardInterrupt):
@@ -116,10 +121,29 @@ def summary_table(df) -> str:
     return table.to_string(float_format=lambda v: f"{v:.3f}")
 
 
+def cannot_write(err: OSError, where) -> str:
+    """One line naming the path and the operating system's cause (full disk, read-only...)."""
+    from orchestrator.store import cause
+
+    return f"cannot write {err.filename or where}: {cause(err)}"
+
+
+def print_damaged(store) -> None:
+    for original, moved, why in store.damaged:
+        print(f"damaged row file {original} ({why}): moved to {moved}; its cell runs again")
+    store.damaged.clear()
+
+
+def failed_line(row) -> str:
+    return (f"{row['status']}: {row['method']} {row['params']} {row['dataset']} class={row['normal_class']} "
+            f"seed={row['seed']}: {row['error']}")
+
+
 def cmd_run(argv: list[str]) -> int:
     args = run_parser().parse_args(argv)
-    from orchestrator.config import ConfigError, load_grid
+    from orchestrator.config import ConfigError, load_grid, run_folder
     from orchestrator.grid import expand
+    from orchestrator.lock import RunLock, RunLocked
     from orchestrator.store import RowStore
     from data.protocols import planning
 
@@ -129,6 +153,7 @@ def cmd_run(argv: list[str]) -> int:
             grid = load_grid(args.grid)
             only = parse_only(args.only)
             expansion = expand(grid, only)
+        run_dir = run_folder(args.results, args.run or grid.name)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -142,10 +167,38 @@ def cmd_run(argv: list[str]) -> int:
             print(cell.describe())
         print(f"{len(cells)} cells ({len(expansion.dropped)} dropped)")
         return 0
-    run_name = args.run or grid.name
-    store = RowStore(Path(args.results) / run_name)
+    run_name = run_dir.name
+    try:
+        store = RowStore(run_dir)
+        lock = RunLock(run_dir).acquire()
+    except RunLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # read-only or unwritable --results, full disk: before anything ran
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {cannot_write(e, run_dir)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if lock.note:
+            print(f"note: {lock.note}")
+        return run_locked(args, grid, cells, store)
+    except OSError as e:  # full disk, folder gone read-only mid-run: rows already written stay
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {cannot_write(e, run_dir)}; the rows written before it are kept: free the space "
+              "and run the same command again to resume", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        lock.release()
+
+
+def run_locked(args, grid, cells, store) -> int:
+    """The run proper, under the run folder's lock: rows, summary, report, exit status."""
+    run_name = store.run_dir.name
     store.clean_temporaries()
     statuses = store.statuses()
+    print_damaged(store)
     if args.rerun == "all":
         overwrite = {c.cell_id for c in cells if c.cell_id in statuses}
     elif args.rerun == "failed":
@@ -155,6 +208,7 @@ def cmd_run(argv: list[str]) -> int:
     todo = [c for c in cells if c.cell_id not in statuses or c.cell_id in overwrite]
     print(f"grid {grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run"
           f" -> {store.rows_dir}")
+    s = None
     if todo:
         from orchestrator.runner import DEFAULT_NODE_IP, Runner, node_ip_free, start_ray
 
@@ -179,20 +233,27 @@ def cmd_run(argv: list[str]) -> int:
         if isinstance(s, int):
             return s
         print(f"finished in {s.wall_s:.1f}s on {s.workers} worker(s): ok {s.ok}, failed {s.failed}, "
-              f"timeout {s.timeout}, retried {s.retried}")
+              f"timeout {s.timeout}, retried {s.retried}"
+              + (f", not written {s.not_written} (their cells already had a row)" if s.not_written else ""))
     df = store.read()
+    print_damaged(store)
     ids = {c.cell_id for c in cells}
     df = df[df["base_cell_id"].isin(ids)]
+    # exit 1 when no row this run wrote is ok; where it wrote none, when no cell of the grid has an ok row
+    ran = s.ok + s.failed + s.timeout if s is not None else 0
+    succeeded = s.ok > 0 if ran else (df.empty or bool((df["status"] == "ok").any()))
     print(summary_table(df))
     failed = df[df["status"] != "ok"]
     for _, row in failed.iterrows():
-        print(f"{row['status']}: {row['method']} {row['dataset']} class={row['normal_class']} "
-              f"seed={row['seed']}: {row['error']}")
+        print(failed_line(row))
     if not args.no_report:
         report_hook = _report_module()
         if report_hook is not None and not df.empty:
             out = report_hook.build_report(store.run_dir)
             print(f"report: {out}")
+    if not succeeded:
+        print("error: no cell of this run succeeded", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -248,13 +309,24 @@ def cmd_report(argv: list[str]) -> int:
         if not (Path(folder) / "rows").is_dir():
             print(f"error: {folder} has no rows/ folder (expected RESULTS/RUN)", file=sys.stderr)
             return EXIT_BAD_INPUT
+    from orchestrator.store import RowStore
     from reports.expected import ExpectedFileError
+
     try:
+        for folder in filter(None, [args.run_dir, args.compare]):
+            store = RowStore(folder)
+            store.statuses()  # sets unreadable row files aside before the report reads the rows
+            print_damaged(store)
         out = module.build_report(Path(args.run_dir), compare=args.compare, tolerance=args.tolerance,
                                   extra_expected=tuple(args.expected))
     except ExpectedFileError as e:
         print(f"error: --expected: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {cannot_write(e, Path(args.run_dir) / 'report')}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"report: {out}")
     return 0
 

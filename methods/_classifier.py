@@ -52,7 +52,7 @@ from pydantic import Field, model_validator
 
 from data.base import Split
 from data.transforms import Transform, to_tensor
-from methods.base import Method, MethodParams, RunContext, check_finite
+from methods.base import LearningRate, Method, MethodParams, RunContext, check_finite
 
 log = logging.getLogger("adgrid.classifier")
 
@@ -339,11 +339,11 @@ class ClassifierParams(MethodParams):
     augment: Literal["crop_flip", "crop", "flip", "none"] = "crop_flip"
     epochs: int = Field(100, ge=0)
     batch_size: int = Field(128, ge=2)
-    lr: float = Field(0.1, gt=0)
+    lr: LearningRate = 0.1
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
-    lr_min: float = Field(1e-6, ge=0)
+    lr_min: float = Field(1e-6, ge=0, allow_inf_nan=False)
     eval_batch_size: int = Field(200, ge=1)
     checkpoint: str | None = None    # a trained model: loaded instead of training (sha256 recorded)
     #: which epoch's weights training keeps: "best" = highest accuracy on a held-out part of the train

@@ -52,7 +52,7 @@ from data.base import Split
 from data.transforms import Transform, resize_masks, to_tensor
 from methods._nets import (Normalizer, Reception, fcdd_reception, fit_normalizer, gaussian_blur,
                            load_vgg11_bn_state)
-from methods.base import Method, MethodParams, RunContext, Scores, check_finite
+from methods.base import LearningRate, Method, MethodParams, RunContext, Scores, check_finite
 
 # --------------------------------------------------------------------------------------------
 # Per-dataset recipes (fcdd python/fcdd/runners/argparse_configs.py)
@@ -315,7 +315,7 @@ class FCDDCommonParams(MethodParams):
     weights: str | None = None        # local vgg11_bn .pth instead of torchvision's cache
     freeze: bool = True               # freeze VGG blocks 1-3 (the paper's *_VGG_F nets) when pretrained
     epochs: int | None = Field(None, ge=0)
-    lr: float | None = Field(None, gt=0)
+    lr: LearningRate | None = None
     optimizer: Literal["auto", "sgd", "adam"] = "auto"
     scheduler: Literal["auto", "lambda", "milestones"] = "auto"
     lr_decay: float | None = Field(None, gt=0, le=1)   # lambda scheduler: lr · decay^epoch

@@ -11,10 +11,10 @@ import math
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Annotated, Any, Callable, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from data.base import Split
 
@@ -25,11 +25,17 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN / infinite loss; the cell fails with this message."""
+#: Every learning-rate parameter (``lr``, ``*_lr``): positive and finite, so NaN, inf, 0 or a
+#: negative rate fails grid validation instead of every cell (tests/test_grid_config.py checks
+#: that every registered method's learning rates use it).
+LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
-    def __init__(self, epoch: int):
-        super().__init__(f"non-finite loss at epoch {epoch}")
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN / infinite loss (or weights); the cell fails with this message."""
+
+    def __init__(self, epoch: int, what: str = "loss"):
+        super().__init__(f"non-finite {what} at epoch {epoch}: training diverged (learning rate too high?)")
         self.epoch = epoch
 
 
@@ -37,6 +43,15 @@ def check_finite(loss: float, epoch: int) -> float:
     if not math.isfinite(float(loss)):
         raise NonFiniteLoss(epoch)
     return float(loss)
+
+
+def check_finite_weights(module, epoch: int) -> None:
+    """After training: the last optimizer step can make the weights NaN / inf after a finite loss
+    (a diverged learning rate), which would otherwise surface as NaN scores, not as divergence."""
+    import torch
+
+    if not all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point()):
+        raise NonFiniteLoss(epoch, "weights")
 
 
 @dataclass

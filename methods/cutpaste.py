@@ -60,7 +60,7 @@ from pydantic import Field, field_validator
 from data.base import Split
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Transform, to_tensor
 from methods._cutpaste_aug import VARIANTS, CutPasteSpec, make_batch
-from methods.base import Method, MethodParams, RunContext, Scores, check_finite, register
+from methods.base import LearningRate, Method, MethodParams, RunContext, Scores, check_finite, register
 
 N_CLASSES = {"binary": 2, "scar": 2, "union": 2, "3way": 3}
 DENSITY = {  # what resolved_params records as the GDE (Eq. 2)
@@ -82,7 +82,7 @@ class CutPasteParams(MethodParams):
     epochs: int = Field(256, ge=1)                   # A.3: 256 epochs ...
     steps_per_epoch: int = Field(256, ge=1)          # ... of 256 updates (footnote 5) = 65k steps
     batch_size: int = Field(32, ge=2)                # normal images per step: 64 / 96 in total
-    lr: float = Field(0.03, gt=0)                    # A.1
+    lr: LearningRate = 0.03                          # A.1
     momentum: float = Field(0.9, ge=0)               # A.1
     weight_decay: float = Field(3e-5, ge=0)          # A.1
     area_ratio: tuple[float, float] = (0.02, 0.15)   # A.2

@@ -30,7 +30,8 @@ import torch
 from data.base import Split
 from data.transforms import Transform, to_tensor
 from methods._nets import DSVDD_NETS, Normalizer, fit_normalizer
-from methods.base import Method, MethodParams, RunContext, Scores, check_finite, register
+from methods.base import (LearningRate, Method, MethodParams, NonFiniteLoss, RunContext, Scores, check_finite,
+                          check_finite_weights, register)
 
 AE_DEFAULTS = {
     "mnist_lenet": {"ae_epochs": 150, "ae_milestones": [50], "ae_weight_decay": 0.5e-3},
@@ -74,7 +75,7 @@ class AEPretrainParams(MethodParams):
     input_norm: Literal["auto", "gcn_minmax", "none"] = "auto"   # auto: AUTO_INPUT_NORM[net]
     stats: Literal["auto", "computed"] = "auto"
     ae_optimizer: Literal["adam", "amsgrad"] = "adam"
-    ae_lr: float = 1e-4
+    ae_lr: LearningRate = 1e-4
     ae_epochs: int | None = None
     ae_milestones: list[int] | None = None
     ae_batch_size: int = 200
@@ -195,6 +196,7 @@ def train_autoencoder(x: torch.Tensor, recipe: DCAERecipe, seed: int, device: st
         if log is not None:
             log.info("dcae pretraining epoch %d loss %.6f", epoch, curve[-1])
         sched.step()
+    check_finite_weights(ae, recipe.epochs)
     return {"state_dict": {k: v.detach().cpu().clone() for k, v in ae.state_dict().items()},
             "loss_curve": curve}
 
@@ -257,6 +259,8 @@ class DCAE(Method):
             xb = x[start:start + 512].to(self.ctx.device)
             out.append(((self.ae(xb) - xb) ** 2).flatten(1).sum(1).cpu())
         scores = torch.cat(out) if out else torch.empty(0)
+        if not bool(torch.isfinite(scores).all()):  # finite weights whose forward pass overflows
+            raise NonFiniteLoss(self.recipe.epochs, "reconstruction errors of the trained autoencoder")
         return Scores(image=scores.numpy().astype(np.float64))
 
     def resolved_params(self) -> dict:

@@ -37,7 +37,8 @@ from pydantic import Field
 
 from data.base import Split
 from methods._nets import DSVDD_NETS
-from methods.base import Method, RunContext, Scores, check_finite, register
+from methods.base import (LearningRate, Method, NonFiniteLoss, RunContext, Scores, check_finite, check_finite_weights,
+                          register)
 from methods.dcae import (AEPretrainParams, DCAERecipe, LeNetInputs, batches, lenet_inputs,
                           make_optimizer, pretrain_dcae, recipe_affinity, recipe_label, seeded)
 
@@ -62,7 +63,7 @@ class DSVDDParams(AEPretrainParams):
     eps: float = Field(0.1, ge=0)
     pretrain: bool = True
     optimizer: Literal["adam", "amsgrad"] = "adam"
-    lr: float = 1e-4
+    lr: LearningRate = 1e-4
     epochs: int = Field(150, ge=0)
     milestones: list[int] = [50]
     batch_size: int = Field(200, ge=1)
@@ -134,6 +135,7 @@ class DeepSVDD(Method):
                 count += len(idx)
             ctx.log_epoch(epoch, total / max(count, 1))
             sched.step()
+        check_finite_weights(self.net, p.epochs)
         self.net.eval()
 
     @torch.no_grad()
@@ -157,6 +159,8 @@ class DeepSVDD(Method):
         dist = self.distances(test.images)
         if self.params.objective == "soft-boundary":
             dist = dist - self.R ** 2
+        if not bool(torch.isfinite(dist).all()):  # finite weights whose forward pass overflows
+            raise NonFiniteLoss(self.params.epochs, "distances of the trained network")
         return Scores(image=dist.numpy().astype(np.float64))
 
     def resolved_params(self) -> dict:

@@ -55,7 +55,7 @@ from data.base import Split
 from data.transforms import Transform
 from methods.backbones import (BACKBONES, RESNET_STAGES, extract_features, get_backbone, spec_of,
                                spec_of_cheap, weights_tag)
-from methods.base import Method, MethodParams, Scores, check_finite, register
+from methods.base import LearningRate, Method, MethodParams, Scores, check_finite, register
 
 CNN_LAYERS = list(RESNET_STAGES[:3])
 # gathierry/FastFlow configs/*.yaml and fastflow.py (paper Table 6 block indices 7 and 40).
@@ -234,7 +234,7 @@ class FastFlowParams(MethodParams):
     clamp: float = 2.0                   # AllInOneBlock affine_clamping (reference)
     epochs: int = 500                    # reference constants.py
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: LearningRate = 1e-3
     weight_decay: float = 1e-5
     feature_batch_size: int = 32         # backbone forward batch (no effect on results)
 
@@ -245,7 +245,7 @@ class FastFlowParams(MethodParams):
             raise ValueError("must be positive")
         return v
 
-    @field_validator("hidden_ratio", "clamp", "lr")
+    @field_validator("hidden_ratio", "clamp")
     @classmethod
     def _positive_float(cls, v):
         if v is not None and not v > 0:

@@ -62,7 +62,7 @@ from data.base import Split
 from data.protocols import take
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Transform, to_tensor
 from methods._kdad_nets import CLONER_CFG, POOL_LAYERS, Cloner, source_network
-from methods.base import Method, MethodParams, RunContext, Scores, check_finite, register
+from methods.base import LearningRate, Method, MethodParams, RunContext, Scores, check_finite, register
 
 PRESETS = {
     "mnist": dict(image_size=32, crop=None, normalize=False, epochs=51, lamda=0.01),
@@ -83,7 +83,7 @@ class KDADParams(MethodParams):
     epochs: int | None = Field(None, ge=1)        # None: the preset's
     lamda: float | None = Field(None, ge=0)       # weight of L_val (code convention); None: preset
     batch_size: int = Field(64, ge=1)             # Sec. 3.2
-    lr: float = Field(1e-3, gt=0)                 # Sec. 3.2 (Adam)
+    lr: LearningRate = 1e-3                       # Sec. 3.2 (Adam)
     pretrained: bool = True                       # ImageNet VGG-16 source (Sec. 3.2)
     weights: str | None = None                    # local VGG-16 checkpoint (timm / torchvision)
     cloner: Literal["small", "equal"] = "small"   # official cfg 'B' / 'A' (Sec. 3.3.2)

@@ -58,7 +58,7 @@ from methods._classifier import (BiTResNet, ClassifierParams, build_network, cla
                                  load_bit_npz, load_state, read_state_dict, resolve_checkpoint, run_training,
                                  sgd, sha256_file, shared_classifier, predict_logits, train_data,
                                  epoch_selector)
-from methods.base import Method, RunContext, Scores, register
+from methods.base import LearningRate, Method, RunContext, Scores, register
 
 
 class MOSParams(ClassifierParams):
@@ -70,7 +70,7 @@ class MOSParams(ClassifierParams):
     mixup_inputs: bool = False   # False: OpenOOD mixes the targets only; True: the paper's code
     ft_epochs: int = Field(30, ge=0)
     ft_batch_size: int = Field(128, ge=2)
-    ft_lr: float = Field(0.003, gt=0)
+    ft_lr: LearningRate = 0.003
     ft_momentum: float = Field(0.9, ge=0, lt=1)
     ft_weight_decay: float = Field(0.0, ge=0)
     schedule_steps: list[int] | None = None  # BiT supports [warm-up end, 3 decays, stop]; None: by size

@@ -37,14 +37,14 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data.base import Split
 from data.transforms import Transform
 from methods._uniad_model import UniADNet, align_features
 from methods.backbones import (feature_key, get_backbone, resolve_weights, run_backbone, spec_of,
                                spec_of_cheap, weights_tag)
-from methods.base import Method, MethodParams, Scores, check_finite, register
+from methods.base import LearningRate, Method, MethodParams, Scores, check_finite, register
 
 # timm's port of the TensorFlow EfficientNet-B4 ImageNet weights (the official code loads
 # lukemelas' port of the same TF release, efficientnet-b4-6ed6700e.pth).
@@ -88,11 +88,11 @@ class UniADParams(MethodParams):
     jitter_prob: float = 1.0
     epochs: int = 1000
     batch_size: int | None = None       # 64 (MVTec AD), 128 (CIFAR-10): 8 GPUs x 8 / 16
-    lr: float = 1e-4
+    lr: LearningRate = 1e-4
     weight_decay: float = 1e-4
     betas: list[float] = [0.9, 0.999]
     lr_step: int = 800
-    lr_gamma: float = 0.1
+    lr_gamma: float = Field(0.1, gt=0, allow_inf_nan=False)
     clip_max_norm: float = 0.1
     image_score: Literal["auto", "max", "mean", "std"] = "auto"
     avgpool_size: int = 16

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -15,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ClassItem = Union[int, str, list[Union[int, str]]]
+#: A grid or run name: one folder inside --results (no separator, not "." or "..", not hidden).
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 
 
 class ConfigError(ValueError):
@@ -89,7 +93,7 @@ class ExcludeRule(BaseModel):
 
 class GridConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     datasets: list[DatasetEntry] = Field(min_length=1)
     methods: list[MethodEntry] = Field(min_length=1)
@@ -101,6 +105,16 @@ class GridConfig(BaseModel):
         if len(set(seeds)) != len(seeds):
             raise ValueError("seeds must be unique")
         return seeds
+
+
+def run_folder(results: str | Path, name: str) -> Path:
+    """``<results>/<name>``, refusing a name that would land anywhere but one folder inside it."""
+    inside = os.path.normpath(os.path.abspath(os.path.join(results, name)))
+    root = os.path.normpath(os.path.abspath(results))
+    if not re.fullmatch(NAME_PATTERN, name) or os.path.dirname(inside) != root:
+        raise ConfigError(f"run name {name!r}: a run is one folder inside --results {results}; use letters, "
+                          "digits, '_', '-' and '.', not starting with '.'")
+    return Path(results) / name
 
 
 def _choices(name: str, valid) -> str:

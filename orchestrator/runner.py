@@ -195,10 +195,14 @@ class Slot:
 
 @dataclass
 class Summary:
+    """Counts of the rows this run wrote (``not_written``: cells whose row the store already had,
+    a duplicate delivery or another driver's row, so this run's result was dropped)."""
+
     ok: int = 0
     failed: int = 0
     timeout: int = 0
     retried: int = 0
+    not_written: int = 0
     wall_s: float = 0.0
     workers: int = 0
     startup_s: float = 0.0
@@ -291,8 +295,11 @@ class Runner:
         for row in rows:
             row["run_id"] = self.run_id
             row["git_sha"] = self.git_sha
-        self.store.write(cell.cell_id, rows, overwrite=cell.cell_id in self.overwrite)
+        written = self.store.write(cell.cell_id, rows, overwrite=cell.cell_id in self.overwrite)
         self.overwrite.discard(cell.cell_id)
+        if not written:
+            self.summary.not_written += 1
+            return
         status = rows[0]["status"] if all(r["status"] == rows[0]["status"] for r in rows) else "failed"
         setattr(self.summary, status, getattr(self.summary, status) + 1)
 

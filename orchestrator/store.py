@@ -2,12 +2,15 @@
 
 A file is written to a temporary name and renamed, so a crash never leaves half a file, and a
 cell's file is never written twice unless a re-run was asked for. ``pd.read_parquet(rows_dir)``
-reads the whole run.
+reads the whole run. A file that cannot be read whole (truncated or overwritten by something
+else) is moved to ``rows/.damaged/``, which Parquet readers skip (a hidden folder), and its cell
+counts as not done, so the next run computes it again.
 """
 from __future__ import annotations
 
 import os
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -46,6 +49,7 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = SCHEMA.names
+DAMAGED = ".damaged"  # hidden: pyarrow's dataset discovery (pd.read_parquet of rows/) skips it
 
 
 def _plain(value):
@@ -55,13 +59,20 @@ def _plain(value):
     return value
 
 
+def cause(err: OSError) -> str:
+    """The operating system's words for an I/O error ("No space left on device")."""
+    return os.strerror(err.errno) if err.errno else str(err)
+
+
 class RowStore:
-    """The rows of one run. Files are named by the cell's id (``<base_cell_id>.parquet``)."""
+    """The rows of one run. Files are named by the cell's id (``<base_cell_id>.parquet``).
+    ``damaged`` lists (file, where it was moved, why) for each unreadable file set aside."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.rows_dir = self.run_dir / "rows"
         self.rows_dir.mkdir(parents=True, exist_ok=True)
+        self.damaged: list[tuple[Path, Path, str]] = []
 
     def path(self, cell_id: str) -> Path:
         return self.rows_dir / f"{cell_id}.parquet"
@@ -69,15 +80,42 @@ class RowStore:
     def exists(self, cell_id: str) -> bool:
         return self.path(cell_id).exists()
 
-    def statuses(self) -> dict[str, str]:
-        """cell id -> 'ok' | 'failed' | 'timeout' for every finished cell (worst of its rows)."""
+    def _set_aside(self, f: Path, why: str) -> None:
+        """Move an unreadable row file to ``rows/.damaged/`` (kept for inspection, never read)."""
+        aside = self.rows_dir / DAMAGED
+        aside.mkdir(exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        dest, n = aside / f"{f.stem}.{stamp}.parquet", 1
+        while dest.exists():
+            n += 1
+            dest = aside / f"{f.stem}.{stamp}.{n}.parquet"
+        os.replace(f, dest)
+        self.damaged.append((f, dest, why))
+
+    def tables(self) -> dict[str, pa.Table]:
+        """cell id -> its rows, for every file that reads whole (every column, every page, as
+        ``pd.read_parquet`` would); the others are set aside (see ``damaged``)."""
         out = {}
-        for f in self.rows_dir.glob("*.parquet"):
+        for f in sorted(self.rows_dir.glob("*.parquet")):
             try:
-                status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
-            except Exception:  # unreadable file: treat as not done, it will be rewritten
+                table = pq.read_table(f)
+                if "status" not in table.column_names:
+                    raise ValueError("no status column: not a row file")
+            except (pa.ArrowException, OSError, ValueError) as e:
+                if not f.exists():  # replaced meanwhile (a --rerun of another driver): not damage
+                    continue
+                self._set_aside(f, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 continue
-            out[f.stem] = "ok" if status and all(s == "ok" for s in status) else \
+            out[f.stem] = table
+        return out
+
+    def statuses(self) -> dict[str, str]:
+        """cell id -> 'ok' | 'failed' | 'timeout' for every finished cell (worst of its rows).
+        An unreadable file is set aside, so its cell is not done and runs again."""
+        out = {}
+        for cell_id, table in self.tables().items():
+            status = table.column("status").to_pylist()
+            out[cell_id] = "ok" if status and all(s == "ok" for s in status) else \
                 next((s for s in status if s != "ok"), "failed")
         return out
 
@@ -89,10 +127,14 @@ class RowStore:
             return False
         table = pa.Table.from_pylist([{c: _plain(r.get(c)) for c in COLUMNS} for r in rows], schema=SCHEMA)
         tmp = self.rows_dir / f".{cell_id}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except OSError as e:  # full disk, folder gone read-only: name the file (pyarrow does not)
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, cause(e), str(target)) from e
         return True
 
     def clean_temporaries(self) -> int:
@@ -103,9 +145,11 @@ class RowStore:
         return len(leftovers)
 
     def read(self):
+        """Every readable row as one DataFrame (what ``pd.read_parquet(rows_dir)`` gives once the
+        damaged files are set aside)."""
         import pandas as pd
 
-        files = sorted(self.rows_dir.glob("*.parquet"))
-        if not files:
+        tables = list(self.tables().values())
+        if not tables:
             return pd.DataFrame(columns=COLUMNS)
-        return pd.read_parquet(self.rows_dir)
+        return pa.concat_tables(tables, promote_options="default").to_pandas()

@@ -25,6 +25,10 @@ from reports.tables import failures, leaderboards, reproduction, row_distributio
 #: The rows' bootstrap distributions, kept beside rows/ so a rebuilt report resamples new rows only.
 BOOTSTRAP_CACHE = ".bootstrap-cache.npz"
 BAR_METRICS = ("image_auroc", "pixel_auroc", "pro")
+#: The report's own file names: tables (<name>.parquet) and plots (plots/<pattern>); _publish
+#: replaces these and nothing else.
+TABLES = ("leaderboard", "reproduction", "failures", "cost", "compare", "compare_status")
+PLOT_PATTERNS = ("bars_*.png", "cost_*.png", "expected_vs_measured.png", "gallery_*.png")
 GALLERY_CLASSES = 3   # per method
 GALLERY_ROWS = 8      # per board
 MARKS = {"reproduced": "✓", "below": "▼", "above": "▲", "setting differs": "≠", "no reference": ""}
@@ -56,11 +60,18 @@ def build_report(run_dir: Path, compare: str | Path | None = None, tolerance: fl
     return folder
 
 
+def own_files(folder: Path) -> list[Path]:
+    """The tables and plots a report writes, as found in ``folder``: only names a report gives its
+    own files (TABLES, PLOT_PATTERNS), so a rebuild never deletes anything else there."""
+    return [*(p for name in TABLES if (p := folder / f"{name}.parquet").is_file()),
+            *(p for pattern in PLOT_PATTERNS for p in (folder / "plots").glob(pattern) if p.is_file())]
+
+
 def _publish(building: Path, folder: Path) -> None:
     """Move a finished report into ``folder``: its plots and tables replace the old ones (a report
     that fails while being built leaves the previous one whole); other files there stay."""
     (folder / "plots").mkdir(parents=True, exist_ok=True)
-    for stale in [*(folder / "plots").glob("*.png"), *folder.glob("*.parquet")]:
+    for stale in own_files(folder):
         stale.unlink()
     for path in sorted(building.rglob("*"), key=lambda q: q.suffix in (".md", ".html")):   # pages last
         if path.is_file():

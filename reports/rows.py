@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from orchestrator.store import COLUMNS, METRICS
+from orchestrator.store import COLUMNS, METRICS, RowStore
 from reports.expected import FULL_CLASSES, class_key
 
 #: Dataset params that say where data lives (as orchestrator.grid.LOCATION_PARAMS), not what it is.
@@ -16,11 +17,17 @@ MEAN_COLUMN = "mean"
 
 
 def read_rows(run_dir: str | Path) -> pd.DataFrame:
-    """Every row of a run (``<run_dir>/rows/*.parquet``), an empty frame with the schema if none."""
+    """Every row of a run (``<run_dir>/rows/*.parquet``), an empty frame with the schema if none.
+    An unreadable row file is set aside to ``rows/.damaged/`` (RowStore) with a warning."""
     rows_dir = Path(run_dir) / "rows"
     if not rows_dir.is_dir() or not any(rows_dir.glob("*.parquet")):
         return pd.DataFrame(columns=COLUMNS)
-    return pd.read_parquet(rows_dir).reset_index(drop=True)
+    store = RowStore(run_dir)
+    rows = store.read().reset_index(drop=True)
+    for original, moved, why in store.damaged:
+        warnings.warn(f"unreadable row file {original} moved to {moved} ({why}); "
+                      "run the grid again to recompute its cell", stacklevel=2)
+    return rows
 
 
 def _json(text) -> dict:

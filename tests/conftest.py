@@ -1,6 +1,7 @@
 """Shared fixtures: one real local Ray instance (2 CPUs, loopback) for the in-process tests."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -53,3 +54,19 @@ def run_grid_inprocess(grid_path: Path, results: Path, run: str | None = None, *
     runner_kwargs.setdefault("progress", False)
     summary = Runner(todo, store, run_id=run or grid.name, **runner_kwargs).run()
     return store, summary, cells
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, options: str):
+    """A real small file system at ``path`` (``size=16k``: a disk that fills, ``ro``: a read-only
+    one) for fault tests; needs the right to mount (root), else the test is skipped."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

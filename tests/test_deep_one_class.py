@@ -611,3 +611,19 @@ def test_fcdd_enlarge_repeats_the_train_set_per_epoch(digits, monkeypatch):
         rp = m.resolved_params()
         # recorded where it repeats; the 28 / 32 px recipes' rows keep their keys (no repeat)
         assert rp.get("enlarge") == enlarge and ("enlarge" in rp) == (enlarge is not None)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("dcae", dict(ae_lr=1e9, ae_epochs=1)),
+    ("dsvdd", dict(pretrain=False, lr=1e9, epochs=1, batch_size=1000)),
+])
+def test_a_learning_rate_that_diverges_on_the_last_step_is_reported_as_divergence(name, params):
+    """One optimizer step, one batch: the only loss seen is finite, the step leaves weights whose
+    forward pass overflows. The row says the training diverged, not that the scores hold NaN."""
+    from orchestrator.cell import run_cell
+    from orchestrator.grid import Cell
+
+    (row,) = run_cell(Cell(name, params, "digits", {}, "one_class", "0", 0))
+    assert row["status"] == "failed"
+    assert row["error"].startswith("NonFiniteLoss: non-finite ") and "training diverged" in row["error"], row["error"]
+    assert "at epoch 1" in row["error"] and "image_scores" not in row["error"]

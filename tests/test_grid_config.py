@@ -103,6 +103,7 @@ BAD = {
     "wrong type": (GOOD.replace("{fail: true}", "{sleep_s: soon}"), "methods[1] (noop).params.sleep_s"),
     "wrong type of seeds": (GOOD.replace("seeds: [0, 1]", "seeds: zero"), "seeds"),
     "missing methods": ("name: t\ndatasets: [{name: digits}]\n", "methods: Field required"),
+    "name leaving --results": (GOOD.replace("name: t\nseeds", "name: ..\nseeds"), "name: String should match"),
 }
 
 
@@ -324,3 +325,34 @@ def test_dry_run_plans_mvtec_without_its_files_and_a_run_still_refuses(tmp_path,
     assert bench.main([str(grid), "--only", "method=patchcore"]) == 2
     err = capsys.readouterr().err
     assert "mvtec: root" in err and "Expected layout" in err
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-1.0e-3", "0"])
+def test_a_learning_rate_must_be_positive_and_finite(tmp_path, capsys, ray_must_not_start, value):
+    """A NaN, infinite, zero or negative learning rate fails the grid, naming the entry, instead of
+    every cell failing at run time."""
+    import bench
+
+    text = GOOD.replace("name: noop\n    params: {fail: true}", f"name: dcae\n    params: {{ae_lr: [1.0e-4, {value}]}}")
+    path = write_grid(tmp_path / "bad.yaml", text)
+    assert bench.main([str(path), "--results", str(tmp_path / "r")]) == 2
+    assert "methods[1] (dcae).params.ae_lr" in capsys.readouterr().err
+
+
+def test_every_learning_rate_parameter_is_validated():
+    """Every registered method's learning-rate fields (lr, *_lr) reject NaN, inf, 0 and negatives:
+    a method added later with a plain float learning rate fails here (use methods.base.LearningRate)."""
+    from pydantic import ValidationError
+
+    from methods import METHODS
+
+    checked = 0
+    for name, cls in sorted(METHODS.items()):
+        for field in cls.Params.model_fields:
+            if field == "lr" or field.endswith("_lr"):
+                for bad in (float("nan"), float("inf"), 0.0, -1e-3):
+                    with pytest.raises(ValidationError) as err:
+                        cls.Params(**{field: bad})
+                    assert any(e["loc"] == (field,) for e in err.value.errors()), (name, field, bad)
+                checked += 1
+    assert checked >= 10

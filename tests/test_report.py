@@ -763,6 +763,26 @@ def test_a_report_that_fails_while_built_leaves_the_previous_one_whole(tmp_path_
     assert (report / "report.md").read_bytes() != b"" and (report / "leaderboard.parquet").exists()
 
 
+def test_a_rebuild_deletes_only_the_reports_own_files(tmp_path_factory):
+    """Tables and plots a report no longer makes go; anything else in report/ stays, Parquet and
+    PNG files included (a report pointed at a folder it does not own deletes nothing of it)."""
+    from reports import leaderboard
+
+    report = built(tmp_path_factory, "own", main_run_rows())
+    written = {p.relative_to(report) for p in report.rglob("*") if p.is_file() and p.suffix in (".parquet", ".png")}
+    mine = [report / "summary.parquet", report / "plots" / "mine.png", report / "plots" / "nested" / "x.png"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"mine")
+    stale = [report / "compare.parquet", report / "plots" / "gallery_gone.png"]   # its own names, no longer made
+    for path in stale:
+        path.write_bytes(b"old")
+    leaderboard.build_report(report.parent)
+    assert all(p.read_bytes() == b"mine" for p in mine)
+    assert not any(p.exists() for p in stale)
+    assert {p.relative_to(report) for p in leaderboard.own_files(report)} == written  # it knows all it writes
+
+
 def test_compare_with_a_folder_without_rows_fails_clearly(tmp_path):
     from reports.leaderboard import build_report
 

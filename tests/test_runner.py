@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_grid_inprocess, write_grid
+from conftest import ROOT, mounted_tmpfs, run_grid_inprocess, write_grid
 
 
 def grid_text(name: str, methods: str, classes: str = "[0, 1]", seeds: str = "[0]") -> str:
@@ -118,6 +119,177 @@ def test_corrupt_row_file_is_treated_as_not_done(tmp_path):
     (store.rows_dir / ".x.123.tmp").write_bytes(b"half a file")
     assert store.statuses() == {}
     assert store.clean_temporaries() == 1
+    (original, moved, why), = store.damaged
+    assert original.name == "deadbeef.parquet" and not original.exists()
+    assert moved.parent == store.rows_dir / ".damaged" and moved.read_bytes() == b"PAR1 not really parquet"
+
+
+def bench_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """bench.py in this process (on the session's Ray where a test has started it)."""
+    import bench
+
+    status = bench.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    import orchestrator.runner
+
+    def refuse(*_a, **_k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(orchestrator.runner, "start_ray", refuse)
+
+
+def test_a_damaged_row_file_is_set_aside_and_its_cell_runs_again(ray_local, tmp_path, capsys):
+    """A truncated row file: the next run moves it to rows/.damaged/ (kept, named in the output),
+    computes its cell again, and every reader (the summary, the report, pd.read_parquet as the
+    README shows it) reads the run; ``bench.py report`` sets a damaged file aside the same way."""
+    path = write_grid(tmp_path / "g.yaml", grid_text("damaged", "- name: noop\n"))
+    results = tmp_path / "results"
+    rows_dir = results / "damaged" / "rows"
+    status, out, err = bench_main([path, "--results", results, "--quiet", "--no-report"], capsys)
+    assert status == 0, out + err
+    first, second = sorted(rows_dir.glob("*.parquet"))
+    whole = first.read_bytes()
+    first.write_bytes(whole[: len(whole) // 2])  # a disk or copy that lost the end of the file
+
+    status, out, err = bench_main([path, "--results", results, "--quiet"], capsys)
+    assert status == 0, out + err
+    moved = list((rows_dir / ".damaged").glob(f"{first.stem}.*.parquet"))
+    assert len(moved) == 1 and moved[0].read_bytes() == whole[: len(whole) // 2]
+    assert f"damaged row file {first}" in out and str(moved[0]) in out, out
+    assert "1 already done, 1 to run" in out and "ok 1, failed 0" in out, out
+    rows = pd.read_parquet(rows_dir)
+    assert sorted(rows["cell_id"]) == [first.stem, second.stem] and (rows["status"] == "ok").all()
+    assert (results / "damaged" / "report" / "report.md").exists()
+
+    second.write_bytes(b"PAR1" + b"\0" * 100)  # damaged between runs: the report command sets it aside
+    status, out, err = bench_main(["report", results / "damaged"], capsys)
+    assert status == 0, out + err
+    assert f"damaged row file {second}" in out and not second.exists()
+    assert len(list((rows_dir / ".damaged").glob("*.parquet"))) == 2
+    assert pd.read_parquet(rows_dir)["cell_id"].tolist() == [first.stem]
+
+
+@pytest.mark.parametrize("name, run", [("..", None), ("ok", "../escaped"), ("ok", "."), ("ok", "a/b")])
+def test_a_run_that_would_land_outside_the_results_folder_exits_2(tmp_path, capsys, ray_must_not_start,
+                                                                   name, run):
+    path = write_grid(tmp_path / "g.yaml", grid_text(name, "- name: noop\n", classes="[0]"))
+    results = tmp_path / "box" / "results"
+    status, out, err = bench_main([path, "--results", results, "--quiet", *(["--run", run] if run else [])], capsys)
+    assert status == 2, out + err
+    assert "error:" in err and (f"{name!r}" in err if run is None else f"{run!r}" in err), err
+    assert not (tmp_path / "box" / "rows").exists() and not (tmp_path / "box" / "escaped").exists()
+    assert not (results / "a").exists() and not (results / "rows").exists()
+
+
+def test_an_unwritable_results_folder_is_one_line_exit_2(tmp_path, capsys, ray_must_not_start):
+    """A read-only file system under --results (a real one: root writes through file modes)."""
+    path = write_grid(tmp_path / "g.yaml", grid_text("ro", "- name: noop\n", classes="[0]"))
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
+        status, out, err = bench_main([path, "--results", ro / "results", "--quiet"], capsys)
+    assert status == 2, out + err
+    assert err.splitlines() == [f"error: cannot write {ro / 'results'}: Read-only file system"], err
+
+
+def test_a_full_disk_is_one_line_exit_1_and_the_run_resumes_once_there_is_space(ray_local, tmp_path, capsys):
+    """A 16 KiB tmpfs (a real ENOSPC): the run lock fits, the first row file (~22 KB) does not."""
+    path = write_grid(tmp_path / "g.yaml", grid_text("full", "- name: noop\n"))
+    with mounted_tmpfs(tmp_path / "disk", "size=16k") as disk:
+        rows_dir = disk / "full" / "rows"
+        status, out, err = bench_main([path, "--results", disk, "--quiet", "--no-report"], capsys)
+        assert status == 1, out + err
+        (line,) = err.splitlines()
+        assert line.startswith(f"error: cannot write {rows_dir}/") and ".parquet: No space left on device" in line
+        assert "Traceback" not in out + err and not list(rows_dir.glob(".*.tmp"))
+        subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)
+        status, out, err = bench_main([path, "--results", disk, "--quiet", "--no-report"], capsys)
+        assert status == 0, out + err
+        assert len(pd.read_parquet(rows_dir)) == 2
+
+
+def test_a_run_whose_every_cell_failed_exits_1_and_names_each_failed_sweep(ray_local, tmp_path, capsys):
+    path = write_grid(tmp_path / "g.yaml", grid_text("allfail", "- name: noop\n  params: {fail: true, "
+                                                                  "sleep_s: [0.0, 0.01]}\n", classes="[0]"))
+    argv = [path, "--results", tmp_path / "results", "--quiet", "--no-report"]
+    status, out, err = bench_main(argv, capsys)
+    assert status == 1, out + err
+    assert "no cell of this run succeeded" in err
+    failed = [line for line in out.splitlines() if line.startswith("failed: ")]
+    assert set(failed) == {
+        'failed: noop {"fail":true,"sleep_s":0.0} digits class=0 seed=0: RuntimeError: noop asked to fail',
+        'failed: noop {"fail":true,"sleep_s":0.01} digits class=0 seed=0: RuntimeError: noop asked to fail'}, out
+    status, out, err = bench_main(argv, capsys)  # nothing left to run: still no ok cell
+    assert status == 1 and "0 to run" in out, out + err
+
+
+def test_the_summary_counts_only_rows_it_wrote(ray_local, tmp_path):
+    """A driver that computed cells whose rows another driver wrote first: the store keeps the first
+    rows, and this driver's summary says so instead of reporting them ok."""
+    from orchestrator.config import load_grid
+    from orchestrator.grid import expand
+    from orchestrator.runner import Runner
+
+    path = write_grid(tmp_path / "g.yaml", grid_text("twice", "- name: noop\n"))
+    store, summary, cells = run_grid_inprocess(path, tmp_path / "results")
+    assert summary.ok == 2
+    before = {f.name: f.stat().st_mtime_ns for f in store.rows_dir.glob("*.parquet")}
+    late = Runner(expand(load_grid(path)).cells, store, run_id="twice", progress=False).run()
+    assert late.ok == 0 and late.failed == 0  # the old summary said ok 2
+    assert late.not_written == 2
+    assert {f.name: f.stat().st_mtime_ns for f in store.rows_dir.glob("*.parquet")} == before
+
+
+def _hold_lock_in_child(run_dir: Path) -> subprocess.Popen:
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from orchestrator.lock import RunLock; "
+            "RunLock(sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_the_run_lock_names_its_holder_and_a_sigkilled_holder_never_blocks(tmp_path):
+    import socket
+
+    from orchestrator.lock import RunLock, RunLocked
+
+    run_dir = tmp_path / "run"
+    child = _hold_lock_in_child(run_dir)
+    try:
+        with pytest.raises(RunLocked, match=rf"in use by another driver: pid {child.pid} on host "
+                                            rf"{re.escape(socket.gethostname())}"):
+            RunLock(run_dir).acquire()
+    finally:
+        child.kill()  # SIGKILL: no clean-up runs, the file still names it
+        child.wait()
+    with RunLock(run_dir) as lock:
+        assert f"driver that is gone: pid {child.pid} on host" in lock.note
+        with pytest.raises(RunLocked):  # one process, a second open file: still exclusive
+            RunLock(run_dir).acquire()
+    with RunLock(run_dir) as lock:  # released cleanly: nothing to take over
+        assert lock.note is None
+    (run_dir / ".lock").write_text('{"host": "other-node", "pid": 4242, "started": 0}')
+    with pytest.raises(RunLocked, match=rf"may still run: pid 4242 on host other-node.*remove {re.escape(str(run_dir))}"):
+        RunLock(run_dir).acquire()
+
+
+def test_a_second_driver_on_a_run_folder_exits_2_naming_the_first(tmp_path, capsys, ray_must_not_start):
+    import socket
+
+    path = write_grid(tmp_path / "g.yaml", grid_text("shared", "- name: noop\n", classes="[0]"))
+    results = tmp_path / "results"
+    child = _hold_lock_in_child(results / "shared")
+    try:
+        status, out, err = bench_main([path, "--results", results, "--quiet"], capsys)
+    finally:
+        child.kill()
+        child.wait()
+    assert status == 2, out + err
+    assert f"in use by another driver: pid {child.pid} on host {socket.gethostname()}" in err, err
+    assert not list((results / "shared" / "rows").glob("*"))
 
 
 def test_a_second_local_run_starts_without_a_dashboard(tmp_path):
@@ -406,3 +578,28 @@ def test_resume_after_the_driver_is_killed(tmp_path, sig):
     assert "10 already done, 0 to run" in third.stdout
     if "RAY_TMPDIR" in env:
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_drivers_on_one_results_folder(tmp_path, capsys, ray_must_not_start):
+    """The issue's case with two real drivers: the second, started while the first runs, exits 2
+    naming the first's pid; the first finishes every cell, each written once."""
+    import socket
+
+    path = write_grid(tmp_path / "g.yaml", grid_text("two", "- name: noop\n  params: {sleep_s: 4.0}\n",
+                                                      classes="[0, 1, 2, 3]"))
+    results = tmp_path / "results"
+    import bench, methods  # noqa: E401,F401  imported before: the second driver then reaches the lock in ~1 s
+    first = subprocess.Popen([sys.executable, str(ROOT / "bench.py"), str(path), "--results", str(results),
+                              "--quiet", "--no-report", "--workers", "1", "--node-ip", "127.0.0.5"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rows_dir = results / "two" / "rows"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(rows_dir.glob("*.parquet")) and first.poll() is None:
+        time.sleep(0.2)
+    status, out, err = bench_main([path, "--results", results, "--quiet"], capsys)
+    first_out = first.communicate(timeout=240)[0]
+    assert status == 2 and f"pid {first.pid} on host {socket.gethostname()}" in err, out + err + first_out
+    assert first.returncode == 0 and "ok 4, failed 0" in first_out, first_out
+    df = pd.read_parquet(rows_dir)
+    assert len(df) == 4 and df["cell_id"].is_unique
