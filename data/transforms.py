@@ -6,6 +6,7 @@ records the transform it used (``Transform.describe()``) in its resolved params.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -88,7 +89,8 @@ def to_tensor(images, transform: Transform, batch: int = 256) -> torch.Tensor:
 #   "bilinear==1":  PIL BILINEAR, then value == 255 (amazon-science/patchcore-inspection: torchvision
 #                   Resize on the mask in datasets/mvtec.py, ``astype(int)`` in metrics.py keeps the
 #                   pixels whose resized value is exactly 1).
-MASK_RESIZE_RULES = ("nearest", "bilinear>0.5", "bilinear==1")
+MaskResize = Literal["nearest", "bilinear>0.5", "bilinear==1"]
+MASK_RESIZE_RULES = get_args(MaskResize)
 
 
 def pil_nearest_index(n_in: int, n_out: int) -> np.ndarray:

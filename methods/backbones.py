@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 
 from data.base import Split
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, MASK_RESIZE_RULES, Transform, to_tensor
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, MaskResize, Transform, to_tensor
 from methods.base import Method, MethodParams, RunContext
 
 log = logging.getLogger("adgrid.backbones")
@@ -479,7 +479,7 @@ class FrozenFeatureParams(MethodParams):
     image_size: int = 256
     crop: int | None = 224
     batch_size: int = 32
-    mask_resize: str = "nearest"    # how the orchestrator resizes ground truth (MASK_RESIZE_RULES)
+    mask_resize: MaskResize = "nearest"    # how the orchestrator resizes ground truth
 
     @field_validator("image_size", "batch_size")
     @classmethod
@@ -488,12 +488,6 @@ class FrozenFeatureParams(MethodParams):
             raise ValueError("must be positive")
         return v
 
-    @field_validator("mask_resize")
-    @classmethod
-    def _mask_rule(cls, v: str) -> str:
-        if v not in MASK_RESIZE_RULES:
-            raise ValueError(f"mask_resize must be one of {MASK_RESIZE_RULES}")
-        return v
 
     @field_validator("layers")
     @classmethod

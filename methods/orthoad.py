@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from pydantic import field_validator
 
 from data.base import Split
+from data.transforms import MaskResize
 from methods.base import register
 from methods.padim import MahalanobisMapMethod, _position_chunk, precision_from_cov
 from methods.backbones import FrozenFeatureParams
@@ -61,7 +62,7 @@ def semi_orthogonal(f: int, k: int, seed: int) -> torch.Tensor:
 class OrthoADParams(FrozenFeatureParams):
     layers: list[str] = ["layer1", "layer2", "layer3"]
     crop: int | None = None     # the whole 256 frame (reference CenterCrop(256) of a 256 image)
-    mask_resize: str = "bilinear>0.5"   # reference: bilinear Resize of the mask, > 0.5
+    mask_resize: MaskResize = "bilinear>0.5"   # reference: bilinear Resize of the mask, > 0.5
     hold_out_every: int | None = 10     # every 10th training image held out, unused (reference); None: all
     k: int | None = None        # None: 100 for resnet18, 300 for wide_resnet50_2 (paper)
     eps: float = 0.01           # covariance regulariser (PaDiM's, as the authors' code)

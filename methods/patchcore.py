@@ -41,6 +41,7 @@ model, no effect on AUROC).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from pydantic import field_validator
 
 from data.base import Split
+from data.transforms import MaskResize
 from methods.backbones import FrozenFeatureMethod, FrozenFeatureParams, anomaly_maps
 from methods.base import Scores, register
 
@@ -136,7 +138,6 @@ def knn(index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 # ----------------------------------------------------------------------------- method
 AGGREGATIONS = ("reference", "avg_pool")
-DISTANCES = ("squared_l2", "l2")
 
 
 class PatchCoreParams(FrozenFeatureParams):
@@ -149,11 +150,11 @@ class PatchCoreParams(FrozenFeatureParams):
     coreset_projection_dim: int | None = 128
     coreset_start_points: int = 10
     num_neighbors: int = 1              # k of the patch score (1 in the paper, sample_training.sh)
-    distance: str = "squared_l2"        # patch score: faiss' squared L2 (reference) | l2 (Eq. 6)
+    distance: Literal["squared_l2", "l2"] = "squared_l2"   # patch score: faiss' squared L2 (reference) | l2 (Eq. 6)
     reweight: bool = False              # Eq. 7 (paper, anomalib); the reference code takes the max
     reweight_neighbors: int = 9         # b = |N_b(m*)| of Eq. 7 (anomalib's default)
     sigma: float = 4.0                  # Gaussian smoothing of the anomaly map, px
-    mask_resize: str = "bilinear==1"    # ground truth as the reference's metrics.py reads it
+    mask_resize: MaskResize = "bilinear==1"    # ground truth as the reference's metrics.py reads it
 
     @field_validator("coreset_ratio")
     @classmethod
@@ -177,12 +178,6 @@ class PatchCoreParams(FrozenFeatureParams):
             raise ValueError("patch_size must be odd (the neighbourhood is centred on its patch)")
         return v
 
-    @field_validator("distance")
-    @classmethod
-    def _distance(cls, v: str) -> str:
-        if v not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}")
-        return v
 
     @field_validator("aggregation")
     @classmethod
