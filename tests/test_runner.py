@@ -534,7 +534,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, sig):
                                                       classes="[0, 1, 2, 3, 4]", seeds="[0, 1]"))
     results = tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "bench.py"), str(path), "--results", str(results), "--quiet",
-           "--no-report", "--node-ip", "127.0.0.4"]
+           "--no-report"]  # the default node address: every socket on loopback
     env = dict(os.environ)
     if sig == signal.SIGTERM:
         ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live here
@@ -591,7 +591,7 @@ def test_two_drivers_on_one_results_folder(tmp_path, capsys, ray_must_not_start)
     results = tmp_path / "results"
     import bench, methods  # noqa: E401,F401  imported before: the second driver then reaches the lock in ~1 s
     first = subprocess.Popen([sys.executable, str(ROOT / "bench.py"), str(path), "--results", str(results),
-                              "--quiet", "--no-report", "--workers", "1", "--node-ip", "127.0.0.5"],
+                              "--quiet", "--no-report", "--workers", "1"],
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rows_dir = results / "two" / "rows"
     deadline = time.time() + 240
