@@ -447,9 +447,10 @@ def test_ood_grid_on_ray_one_row_per_ood_set_and_one_shared_classifier(ray_local
     assert set(df.index) == set(OOD_METHODS) and (df["ood_set"] == "fashion_mnist").all()
     for col in ("image_auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood", "detection_error", "accuracy"):
         assert df[col].notna().all(), col
-    # above chance; the quality floors are the in-process tests' (conf_branch's 1/16-width net trained
-    # 5 epochs swings 0.63-0.84 with which 10% of digits is held out for the best-epoch rule)
-    assert (df["image_auroc"] > 0.6).all(), df["image_auroc"].to_dict()
+    # conf_branch's 1/16-width net trained 5 epochs swings 0.63-0.84 with which 10% of digits is held
+    # out for the best-epoch rule (0.63 / 0.62 / 0.71 at 5 / 8 / 10 epochs): above chance is its floor
+    floors = {name: 0.6 if name == "conf_branch" else 0.7 for name in df.index}
+    assert all(df.at[name, "image_auroc"] > floor for name, floor in floors.items()), df["image_auroc"].to_dict()
     assert (df["accuracy"] > 0.85).all(), df["accuracy"].to_dict()
     hits = df.loc[list(SHARED), "feature_cache_hit"]
     assert hits.sum() == len(SHARED) - 1                             # one worker trained it once
