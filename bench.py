@@ -315,7 +315,8 @@ def cmd_report(argv: list[str]) -> int:
     try:
         for folder in filter(None, [args.run_dir, args.compare]):
             store = RowStore(folder)
-            store.statuses()  # sets unreadable row files aside before the report reads the rows
+            store.statuses()  # sets aside row files whose footer or status does not read (the report
+            # reads every column through the store, which sets aside any other damage with a warning)
             print_damaged(store)
         out = module.build_report(Path(args.run_dir), compare=args.compare, tolerance=args.tolerance,
                                   extra_expected=tuple(args.expected))

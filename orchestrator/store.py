@@ -92,15 +92,15 @@ class RowStore:
         os.replace(f, dest)
         self.damaged.append((f, dest, why))
 
-    def tables(self) -> dict[str, pa.Table]:
-        """cell id -> its rows, for every file that reads whole (every column, every page, as
-        ``pd.read_parquet`` would); the others are set aside (see ``damaged``)."""
+    def _readable(self, columns: list[str] | None = None) -> dict[str, pa.Table]:
+        """cell id -> its rows (``columns`` only, or all) for every file whose footer and those
+        columns read (every page of them); the others are set aside (see ``damaged``)."""
         out = {}
         for f in sorted(self.rows_dir.glob("*.parquet")):
             try:
-                table = pq.read_table(f)
-                if "status" not in table.column_names:
+                if "status" not in pq.read_schema(f).names:
                     raise ValueError("no status column: not a row file")
+                table = pq.read_table(f, columns=columns)
             except (pa.ArrowException, OSError, ValueError) as e:
                 if not f.exists():  # replaced meanwhile (a --rerun of another driver): not damage
                     continue
@@ -109,11 +109,18 @@ class RowStore:
             out[f.stem] = table
         return out
 
+    def tables(self) -> dict[str, pa.Table]:
+        """cell id -> its rows, for every file that reads whole (every column, every page, as
+        ``pd.read_parquet`` would); the others are set aside (see ``damaged``)."""
+        return self._readable()
+
     def statuses(self) -> dict[str, str]:
         """cell id -> 'ok' | 'failed' | 'timeout' for every finished cell (worst of its rows).
-        An unreadable file is set aside, so its cell is not done and runs again."""
+        Reads the status column alone (resuming a large run stays cheap); a file whose footer or
+        status column does not read is set aside, so its cell is not done and runs again. Damage
+        elsewhere in a file is found by the readers (``tables``), which set it aside the same way."""
         out = {}
-        for cell_id, table in self.tables().items():
+        for cell_id, table in self._readable(["status"]).items():
             status = table.column("status").to_pylist()
             out[cell_id] = "ok" if status and all(s == "ok" for s in status) else \
                 next((s for s in status if s != "ok"), "failed")

@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -122,6 +123,32 @@ def test_corrupt_row_file_is_treated_as_not_done(tmp_path):
     (original, moved, why), = store.damaged
     assert original.name == "deadbeef.parquet" and not original.exists()
     assert moved.parent == store.rows_dir / ".damaged" and moved.read_bytes() == b"PAR1 not really parquet"
+
+
+def test_resume_reads_the_status_alone_and_readers_set_aside_damage_elsewhere(tmp_path):
+    """Planning a resume reads each file's footer and status column only (cheap at 100k rows); a
+    file damaged in another column reads as done there, and the first full read (summary, report,
+    ``read``) sets it aside, so the next resume runs its cell again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.store import RowStore
+
+    store = RowStore(tmp_path / "run")
+    scores = np.random.default_rng(0).normal(size=5000).tolist()
+    for cell in ("aaaa", "bbbb"):
+        pq.write_table(pa.table({"cell_id": [cell], "status": ["ok"], "image_scores": [scores]}),
+                       store.rows_dir / f"{cell}.parquet")
+    path = store.rows_dir / "bbbb.parquet"
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(2)
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset + 40: chunk.data_page_offset + 240] = b"\xff" * 200   # a page header
+    path.write_bytes(bytes(data))
+    assert store.statuses() == {"aaaa": "ok", "bbbb": "ok"} and not store.damaged
+    assert list(store.tables()) == ["aaaa"]
+    (original, moved, why), = store.damaged
+    assert original == path and moved.parent.name == ".damaged" and why.startswith("OSError")
+    assert store.statuses() == {"aaaa": "ok"}
 
 
 def bench_main(argv: list[str], capsys) -> tuple[int, str, str]:
