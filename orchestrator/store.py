@@ -98,9 +98,10 @@ class RowStore:
         out = {}
         for f in sorted(self.rows_dir.glob("*.parquet")):
             try:
-                if "status" not in pq.read_schema(f).names:
-                    raise ValueError("no status column: not a row file")
-                table = pq.read_table(f, columns=columns)
+                with pq.ParquetFile(f) as parquet:   # one open: footer, then the columns' pages
+                    if "status" not in parquet.schema_arrow.names:
+                        raise ValueError("no status column: not a row file")
+                    table = parquet.read(columns=columns)
             except (pa.ArrowException, OSError, ValueError) as e:
                 if not f.exists():  # replaced meanwhile (a --rerun of another driver): not damage
                     continue
