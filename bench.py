@@ -167,7 +167,6 @@ def cmd_run(argv: list[str]) -> int:
             print(cell.describe())
         print(f"{len(cells)} cells ({len(expansion.dropped)} dropped)")
         return 0
-    run_name = run_dir.name
     try:
         store = RowStore(run_dir)
         lock = RunLock(run_dir).acquire()
