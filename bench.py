@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """adgrid command line.
 
-  python bench.py GRID.yaml [--results DIR] [--run NAME] [--address ADDR] [--only KEY=VALUE ...]
+  python bench.py [run] GRID.yaml [--results DIR] [--run NAME] [--address ADDR] [--only KEY=VALUE ...]
                   [--dry-run] [--rerun failed|all] [--max-attempts N] [--cell-timeout SECONDS]
                   [--no-feature-cache] [--workers N] [--node-ip IP]
-  python bench.py list
-  python bench.py report RESULTS/RUN [--compare OTHER_RUN] [--tolerance POINTS]
+  python bench.py list [GRID.yaml]
+  python bench.py report RESULTS/RUN [--compare OTHER_RUN] [--tolerance POINTS] [--expected CSV]
+
+``run`` is the default subcommand: ``python bench.py GRID.yaml`` runs the grid.
 """
 from __future__ import annotations
 
@@ -63,8 +65,7 @@ def run_stoppable(runner):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench.py", description="Run a benchmark grid over Ray.")
+def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("grid", help="grid YAML file (see grids/demo.yaml)")
     p.add_argument("--results", default="results", help="results folder (default: results/)")
     p.add_argument("--run", help="run name (default: the grid's name)")
@@ -83,6 +84,43 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def add_list_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("grid", nargs="?", help="also list the methods and datasets this grid's plugins register")
+    return p
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("run_dir")
+    p.add_argument("--compare", help="another run folder to compare against")
+    p.add_argument("--tolerance", type=float, default=1.0, help="AUROC points counted as reproduced")
+    p.add_argument("--expected", action="append", default=[], metavar="CSV",
+                   help="your own reference numbers (reports/expected.csv's columns), added to its numbers")
+    return p
+
+
+#: subcommand -> (help, argument builder, handler); ``run`` is the default
+SUBCOMMANDS = {
+    "run": ("run a grid (the default: bench.py GRID.yaml)", add_run_arguments, lambda a: cmd_run(a)),
+    "list": ("list methods, datasets and protocols with their params and defaults", add_list_arguments,
+             lambda a: cmd_list(a)),
+    "report": ("build the report of a finished run", add_report_arguments, lambda a: cmd_report(a)),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.py", description="adgrid: benchmark grids of anomaly and OOD "
+                                "detectors over Ray. `bench.py GRID.yaml` is short for `bench.py run GRID.yaml`.")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (text, build, handler) in SUBCOMMANDS.items():
+        build(sub.add_parser(name, help=text, description=text)).set_defaults(handler=handler)
+    return p
+
+
+def run_parser() -> argparse.ArgumentParser:
+    """The ``run`` subcommand's parser alone (its options, for tools that build on them)."""
+    return add_run_arguments(argparse.ArgumentParser(prog="bench.py run", description="Run a benchmark grid over Ray."))
 
 
 def parse_only(items: list[str]) -> dict[str, list[str]]:
@@ -139,8 +177,7 @@ def failed_line(row) -> str:
             f"seed={row['seed']}: {row['error']}")
 
 
-def cmd_run(argv: list[str]) -> int:
-    args = run_parser().parse_args(argv)
+def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.config import ConfigError, load_grid, run_folder
     from orchestrator.grid import expand
     from orchestrator.lock import RunLock, RunLocked
@@ -264,7 +301,7 @@ def _report_module():
     return leaderboard if hasattr(leaderboard, "build_report") else None
 
 
-def cmd_list() -> int:
+def cmd_list(args: argparse.Namespace) -> int:
     from data import DATASETS
     from data.protocols import PROTOCOLS
     from methods import METHODS
@@ -292,14 +329,7 @@ def cmd_list() -> int:
     return 0
 
 
-def cmd_report(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="bench.py report")
-    p.add_argument("run_dir")
-    p.add_argument("--compare", help="another run folder to compare against")
-    p.add_argument("--tolerance", type=float, default=1.0, help="AUROC points counted as reproduced")
-    p.add_argument("--expected", action="append", default=[], metavar="CSV",
-                   help="your own reference numbers (reports/expected.csv's columns), added to its numbers")
-    args = p.parse_args(argv)
+def cmd_report(args: argparse.Namespace) -> int:
     module = _report_module()
     if module is None:
         print("error: the report stage (reports/leaderboard.py) is not available", file=sys.stderr)
@@ -333,11 +363,13 @@ def cmd_report(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["list"]:
-        return cmd_list()
-    if argv[:1] == ["report"]:
-        return cmd_report(argv[1:])
-    return cmd_run(argv)
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]   # bench.py GRID.yaml: the default subcommand
+    args = parser().parse_args(argv)
+    if args.command is None:
+        parser().print_help()
+        return EXIT_BAD_INPUT
+    return args.handler(args)
 
 
 if __name__ == "__main__":

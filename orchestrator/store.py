@@ -46,6 +46,9 @@ SCHEMA = pa.schema(
         ("hostname", pa.string()), ("node_ip", pa.string()), ("node_id", pa.string()),
         ("worker_pid", pa.int64()), ("device", pa.string()), ("gpu_name", pa.string()),
         ("git_sha", pa.string()), ("versions", pa.string()),
+        # where a plugin method's code came from ("builtin", "file:NAME@sha256:HEX",
+        # "package:DIST==VERSION"), and the resources the cell's worker held
+        ("method_source", pa.string()), ("gpu_share", pa.float64()), ("cpu_share", pa.float64()),
     ]
 )
 COLUMNS = SCHEMA.names
@@ -152,12 +155,12 @@ class RowStore:
             f.unlink(missing_ok=True)
         return len(leftovers)
 
-    def read(self):
+    def read(self, columns: list[str] | None = None):
         """Every readable row as one DataFrame (what ``pd.read_parquet(rows_dir)`` gives once the
-        damaged files are set aside)."""
+        damaged files are set aside); ``columns`` reads those alone (summaries, reports)."""
         import pandas as pd
 
-        tables = list(self.tables().values())
+        tables = list(self._readable(columns).values())
         if not tables:
-            return pd.DataFrame(columns=COLUMNS)
+            return pd.DataFrame(columns=columns or COLUMNS)
         return pa.concat_tables(tables, promote_options="default").to_pandas()
