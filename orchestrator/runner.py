@@ -275,6 +275,7 @@ class Slot:
     warm: set = field(default_factory=set)
     booting: object = None  # ref of info() while the worker starts
     node_id: str | None = None
+    node_ip: str | None = None
     last_cell_s: float = float("inf")
 
     def depth(self) -> int:
@@ -551,6 +552,8 @@ class Runner:
             if head is not None:
                 slot.tasks.appendleft(head)
             self.summary.lost += len(slot.tasks)
+            tqdm.write(f"node {slot.node_ip or slot.node_id} lost: its worker's {len(slot.tasks)} cell(s) go back "
+                       "to the queue (no attempt counted)", file=sys.stdout)
             give_back(slot)
 
         def show() -> None:
@@ -594,6 +597,8 @@ class Runner:
                         if verdict:
                             self.summary.lost += 1
                             requeue(sus.task.cell, sus.task.attempt)
+                            tqdm.write(f"node {sus.node_id} lost: a cell goes back to the queue (no attempt "
+                                       "counted)", file=sys.stdout)
                         else:
                             crashed(self.shape_of[sus.task.cell.cell_id], sus.task, sus.error)
                 # starting workers that no longer fit (a node left): withdrawn, re-planned below
@@ -607,7 +612,8 @@ class Runner:
                     for slot in booting:
                         if slot.booting in up:
                             try:
-                                slot.node_id = ray.get(slot.booting)["node_id"]
+                                info = ray.get(slot.booting)
+                                slot.node_id, slot.node_ip = info["node_id"], info["node_ip"]
                                 slot.booting, start_failures = None, 0
                             except (RayActorError, RayTaskError) as e:
                                 give_back(slot)
