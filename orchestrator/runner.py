@@ -504,6 +504,8 @@ class Runner:
         from ray.exceptions import RayActorError, RayTaskError
         from tqdm import tqdm
 
+        if not self.cells:
+            return self.summary
         t0 = time.perf_counter()
         self._refresh_nodes(force=True)
         gpu_cluster = any(r.gpus for r in self.nodes.values())
