@@ -9,6 +9,7 @@ the moment it arrives, so killing the driver loses only the cells in flight.
 """
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
@@ -220,7 +221,7 @@ class Room:
                    float(res.get("CPU", 0.0)), [1.0] * int(float(res.get("GPU", 0.0)) + EPS))
 
     def _whole(self, shape: Shape) -> list[int]:
-        return [i for i, g in enumerate(self.gpus) if g >= 1.0 - EPS][: int(shape.gpu + 1 - EPS)]
+        return [i for i, g in enumerate(self.gpus) if g >= 1.0 - EPS][: math.ceil(shape.gpu - EPS)]
 
     def fits(self, shape: Shape) -> bool:
         if self.cpu < shape.cpu - EPS:
@@ -229,7 +230,7 @@ class Room:
             return True
         if shape.gpu < 1:
             return any(g >= shape.gpu - EPS for g in self.gpus)
-        return len(self._whole(shape)) >= int(shape.gpu + 1 - EPS)
+        return len(self._whole(shape)) >= math.ceil(shape.gpu - EPS)
 
     def take(self, shape: Shape) -> None:
         self.cpu -= shape.cpu
