@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.cell import failure_row
-from orchestrator.grid import Cell
+from orchestrator.grid import Cell, canonical
 from orchestrator.store import RowStore
 from orchestrator.worker import Worker
 
@@ -200,7 +200,7 @@ def cell_shape(cell: Cell, gpu_cluster: bool) -> Shape:
     res = cell.resources or {}
     gpu, cpu = float(res.get("gpu") or 0.0), float(res.get("cpu") or 1.0)
     if gpu < 0 or cpu <= 0:
-        raise ValueError(f"{cell.describe()}: resources need gpu >= 0 and cpu > 0, not {res}")
+        raise ValueError(f"{cell.method} {canonical(cell.params)}: resources need gpu >= 0 and cpu > 0, not {res}")
     return Shape(gpu=(gpu if gpu > 0 else 1.0) if gpu_cluster else 0.0, cpu=cpu)
 
 

@@ -126,9 +126,10 @@ def test_each_cell_runs_with_its_share_and_the_pool_never_exceeds_the_cluster(ra
     assert max(used) >= 3.5 - 1e-6, max(used)
 
 
-def test_a_shape_no_node_can_hold_fails_before_any_worker(ray_four_gpus, tmp_path):
+def test_a_shape_no_node_can_hold_fails_before_any_worker(ray_local, tmp_path):
+    """3 CPUs per worker on the session's 2-CPU Ray (no GPUs: the GPU share is 0)."""
     grid = GRID.replace("resources: {gpu: 1, cpu: 0.25}", "resources: {gpu: 1, cpu: 3}")
-    with pytest.raises(RuntimeError, match=r"no node of the cluster can hold a worker with gpu=1 cpu=3 "
-                                           r"\(asked by noop\); its nodes have: cpu=2 gpu=4"):
+    with pytest.raises(RuntimeError, match=r"no node of the cluster can hold a worker with gpu=0 cpu=3 "
+                                           r"\(asked by noop\); its nodes have: cpu=2 gpu=0"):
         run_shapes(tmp_path, grid)
     assert not list((tmp_path / "results" / "shapes" / "rows").glob("*.parquet"))
