@@ -502,8 +502,8 @@ def test_sigterm_while_the_driver_waits_on_ray_exits_143(ray_local, tmp_path, ca
     """SIGTERM landing inside ray.wait or ray.get, where the driver spends nearly all of a grid: Ray
     runs the handler there and re-raises what it raised as a plain KeyboardInterrupt, which must
     still exit 143 (terminated), not 130 (Ctrl-C), so a scheduler sees a preemption. The signal
-    cannot land anywhere else: the cell hangs, or its worker asks for 3 CPUs of 2 and never starts
-    (which must not leave that actor pending behind the driver)."""
+    cannot land anywhere else: the cell hangs, or its worker cannot start while another actor holds
+    both CPUs (which must not leave that worker pending behind the driver)."""
     import threading
 
     from ray._private.state import actors as actor_table  # the GCS's table; no dashboard needed
@@ -514,12 +514,16 @@ def test_sigterm_while_the_driver_waits_on_ray_exits_143(ray_local, tmp_path, ca
     from orchestrator.runner import Runner
     from orchestrator.store import RowStore
 
-    method = ("- name: noop\n  params: {hang: true}\n" if stage == "cells run" else
-              "- name: noop\n  resources: {cpu: 3}\n")
+    method = "- name: noop\n  params: {hang: true}\n" if stage == "cells run" else "- name: noop\n"
     grid = load_grid(write_grid(tmp_path / "g.yaml", grid_text("wait", method, classes="[0]")))
     store = RowStore(tmp_path / "results" / "wait")
     runner = Runner(expand(grid).cells, store, run_id="wait", progress=False, workers=1)
     before = set(actor_table())
+    blocker = None
+    if stage == "workers start":  # the runner plans on the node's 2 CPUs; Ray has none free
+        blocker = ray_local.remote(num_cpus=2)(type("Blocker", (), {"ping": lambda self: True})).remote()
+        ray_local.get(blocker.ping.remote())
+        before.add(blocker._actor_id.hex())
 
     def terminate():
         if stage == "cells run":
@@ -535,6 +539,8 @@ def test_sigterm_while_the_driver_waits_on_ray_exits_143(ray_local, tmp_path, ca
         status = bench.run_stoppable(runner)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if blocker is not None:
+            ray_local.kill(blocker)
     assert status == 143, status
     assert (runner.summary.startup_s > 0) == (stage == "cells run")  # where it stopped
     assert "run the same command again to resume" in capsys.readouterr().out
