@@ -13,6 +13,8 @@ from typing import Callable, ClassVar, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from plugins.registry import Registry
+
 
 class DataError(ValueError):
     """Bad or missing data; the message says which file or class, and what to do."""
@@ -84,22 +86,14 @@ class Dataset:
         raise NotImplementedError
 
 
-DATASETS: dict[str, type[Dataset]] = {}
+#: Every dataset, built-in or plugin: name -> class, with each entry's source (plugins/registry.py).
+DATASETS: Registry = Registry("dataset")
 
 
 def register_dataset(name: str) -> Callable[[type[Dataset]], type[Dataset]]:
-    def deco(cls: type[Dataset]) -> type[Dataset]:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} registered twice")
-        cls.name = name
-        DATASETS[name] = cls
-        return cls
-
-    return deco
+    """``@register_dataset("name")``: add a Dataset subclass to ``DATASETS``."""
+    return DATASETS.register(name)
 
 
 def create_dataset(name: str, params: dict | None = None) -> Dataset:
-    if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
-    cls = DATASETS[name]
-    return cls(cls.Params(**(params or {})))
+    return DATASETS.create(name, params)

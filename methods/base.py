@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from data.base import Split
+from plugins.registry import Registry
 
 
 class MethodParams(BaseModel):
@@ -197,22 +198,14 @@ class Method:
         return ()
 
 
-METHODS: dict[str, type[Method]] = {}
+#: Every method, built-in or plugin: name -> class, with each entry's source (plugins/registry.py).
+METHODS: Registry = Registry("method")
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
-    def deco(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return deco
+    """``@register("name")``: add a Method subclass to ``METHODS`` (built-ins and plugins alike)."""
+    return METHODS.register(name)
 
 
 def create(name: str, params: dict | None, ctx: RunContext) -> Method:
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
-    cls = METHODS[name]
-    return cls(cls.Params(**(params or {})), ctx)
+    return METHODS.create(name, params, ctx)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 ClassItem = Union[int, str, list[Union[int, str]]]
 #: A grid or run name: one folder inside --results (no separator, not "." or "..", not hidden).
@@ -98,6 +98,15 @@ class GridConfig(BaseModel):
     datasets: list[DatasetEntry] = Field(min_length=1)
     methods: list[MethodEntry] = Field(min_length=1)
     exclude: list[ExcludeRule] = Field(default_factory=list)
+    #: plugin files (relative to the grid file) or module names whose methods / datasets the grid uses
+    plugins: list[str] = Field(default_factory=list)
+    # the loaded plugins (the grid's and the installed entry points) as specs the cells carry to the
+    # workers (plugins.loader.PluginSpec); set by load_grid
+    _plugin_specs: tuple = PrivateAttr(default=())
+
+    @property
+    def plugin_specs(self) -> tuple:
+        return self._plugin_specs
 
     @field_validator("seeds")
     @classmethod
@@ -172,8 +181,37 @@ def load_grid(path: str | Path) -> GridConfig:
         grid = GridConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: invalid grid\n" + _pydantic_message("", e, GridConfig.model_fields)) from None
+    grid._plugin_specs = load_plugins(grid.plugins, path.parent, str(path))
     check_names(grid, str(path))
     return grid
+
+
+def load_grid_plugins(path: str | Path) -> tuple:
+    """Only the plugins of a grid file (for ``bench.py list GRID``: no data needs to be present)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such grid file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    entries = raw.get("plugins", []) if isinstance(raw, dict) else []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: plugins must be a list of .py files or module names, got {entries!r}")
+    return load_plugins(entries, path.parent, str(path))
+
+
+def load_plugins(entries: list[str], base_dir: Path, where: str = "grid") -> tuple:
+    """Load the installed entry points and the grid's plugins into the registries (before names are
+    checked); a bad plugin is a ConfigError naming it. Returns the specs the cells carry."""
+    from plugins.loader import PluginError, entry_point_specs, load_all, resolve
+
+    try:
+        specs = entry_point_specs() + resolve(entries, base_dir)
+        load_all(specs)
+    except PluginError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return tuple(specs)
 
 
 def check_names(grid: GridConfig, where: str = "grid") -> None:
