@@ -108,7 +108,9 @@ def _last_line(exc: BaseException) -> str:
 
 
 def _where(exc: BaseException, label: str) -> str:
-    """``file.py, line N`` of the deepest frame inside the plugin, where the traceback has one."""
+    """`` (line N)``: the deepest frame inside the plugin, where the traceback has one."""
+    if isinstance(exc, SyntaxError) and exc.lineno and Path(exc.filename or "").name == Path(label).name:
+        return f" (line {exc.lineno})"
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).name == Path(label).name]
     return f" (line {frames[-1].lineno})" if frames else ""
 
