@@ -179,10 +179,18 @@ def _module_spec(name: str, base: Path) -> PluginSpec:
 
 
 def _find_spec(name: str):
+    """The module's spec, or None where it (or a parent package) does not exist. Finding a submodule
+    imports its parent packages: one that fails to import is a PluginError with its last line."""
     try:
         return importlib.util.find_spec(name)
-    except (ImportError, ValueError):  # a parent package that is missing or fails to import
+    except ModuleNotFoundError as e:
+        if e.name and (name == e.name or name.startswith(e.name + ".")):
+            return None
+        raise PluginError(f"plugin {name}: import failed: {_last_line(e)}") from None
+    except ValueError:
         return None
+    except Exception as e:
+        raise PluginError(f"plugin {name}: import failed: {_last_line(e)}") from None
 
 
 def entry_point_specs() -> list[PluginSpec]:
@@ -351,10 +359,6 @@ def check_contract(kind: str, name: str, cls, spec: PluginSpec) -> None:
     if not (inspect.isclass(params) and issubclass(params, BaseModel)):
         raise PluginError(f"{what} has no Params: set Params to a pydantic model of its parameters "
                           f"(a subclass of {'methods.base.MethodParams' if kind == 'method' else 'data.base.DatasetParams'})")
-    try:
-        params()
-    except Exception:
-        pass  # required parameters are allowed: the grid gives them
     if kind == "method":
         from data.protocols import PROTOCOLS
 

@@ -387,7 +387,7 @@ def test_a_module_plugin_from_the_grid_folder(tmp_path, capsys):
 
     pkg = tmp_path / "my_package"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from . import detectors\n")   # registers as the package is found
     (pkg / "detectors.py").write_text(GOOD_METHOD.format(name="pkg_method"))
     grid = tmp_path / "g.yaml"
     grid.write_text("name: g\nplugins: [my_package.detectors]\ndatasets: [{name: digits, classes: [0]}]\n"
@@ -399,6 +399,11 @@ def test_a_module_plugin_from_the_grid_folder(tmp_path, capsys):
     grid.write_text("name: g\nplugins: [no_such_pkg.mod]\ndatasets: [{name: digits}]\nmethods: [{name: noop}]\n")
     status, _, err = run_bench([grid, "--dry-run"], capsys)
     assert status == 2 and "plugin no_such_pkg.mod: no module named 'no_such_pkg.mod'" in err
+    (tmp_path / "broken_pkg").mkdir()
+    (tmp_path / "broken_pkg" / "__init__.py").write_text("raise RuntimeError('boom')\n")
+    grid.write_text("name: g\nplugins: [broken_pkg.mod]\ndatasets: [{name: digits}]\nmethods: [{name: noop}]\n")
+    status, _, err = run_bench([grid, "--dry-run"], capsys)
+    assert status == 2 and "plugin broken_pkg.mod: import failed: RuntimeError: boom" in err, err
 
 
 # ------------------------------------------------------------------------- report
