@@ -4,6 +4,7 @@ its file, and a method breaking the score contract gives a failed row that says 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -17,6 +18,7 @@ from PIL import Image
 
 import bench
 from conftest import ROOT
+from test_cluster import two_node_cluster  # noqa: F401  (a fixture)
 
 EXAMPLES = ROOT / "examples"
 TINY = "{backbone: resnet18, pretrained: false, image_size: 32, crop: 32, batch_size: 16}"
@@ -419,3 +421,32 @@ def test_the_report_warns_when_a_methods_rows_come_from_different_sources():
     assert source_warnings(rows[rows["method"] == "padim"]) == []
     assert provenance_blocks(rows[rows["method"] == "padim"]) == []
     assert provenance_blocks(rows.assign(method_source=None)) == []   # rows from before the column
+
+
+CLUSTER_PLUGIN = GOOD_METHOD.format(name="cluster_plugin").replace("    def fit(self, train):", '''    def resolved_params(self):
+        import sys
+        from pathlib import Path
+        shipped = [p for p in sys.path if "ray" in p and (Path(p) / "cluster_plugin.py").is_file()]
+        return {"k": self.params.k, "shipped": bool(shipped)}
+    def fit(self, train):''')
+
+
+@pytest.mark.slow
+def test_a_plugin_runs_on_a_two_node_cluster_shipped_with_the_job(two_node_cluster, tmp_path):
+    """--address: the plugin file goes to the workers as a py_module of the job, each node's worker
+    loads it before its first cell, and the rows from both nodes record its source."""
+    from test_cluster import run_or_fail
+
+    address, _, env = two_node_cluster
+    (tmp_path / "cluster_plugin.py").write_text(CLUSTER_PLUGIN)
+    grid = tmp_path / "g.yaml"
+    grid.write_text("name: cluster\nseeds: [0, 1, 2]\nplugins: [cluster_plugin.py]\n"
+                    "datasets: [{name: digits, classes: [0, 1, 2]}]\nmethods: [{name: cluster_plugin}]\n")
+    run_or_fail([sys.executable, str(ROOT / "bench.py"), str(grid), "--address", address,
+                 "--results", str(tmp_path / "results"), "--quiet", "--no-report"], env, tmp_path)
+    df = pd.read_parquet(tmp_path / "results" / "cluster" / "rows")
+    assert len(df) == 9 and (df["status"] == "ok").all(), df[["status", "error"]]
+    assert set(df["node_ip"]) == {"127.0.0.2", "127.0.0.3"}
+    sha = hashlib.sha256(CLUSTER_PLUGIN.encode()).hexdigest()
+    assert set(df["method_source"]) == {f"file:cluster_plugin.py@sha256:{sha}"}
+    assert all(json.loads(p)["shipped"] for p in df["resolved_params"])   # on every worker's path
