@@ -25,9 +25,10 @@ transform RandomHorizontalFlip + RandomCrop(32, padding=4) (``base_preprocessor.
 checkpoint rule ``best`` (``checkpoint_rule``): after each epoch the accuracy on a held-out
 part of the train split, the best epoch's weights kept (``openood/recorders/base_recorder.py``
 ``save_model``; ``scripts/eval_ood.py`` line 147 loads ``best.ckpt``), ``last`` keeps the final epoch;
-normalisation by the ID dataset's constants (``openood/preprocessors/transform.py``:
-cifar10 [0.4914, 0.4822, 0.4465] / [0.2470, 0.2435, 0.2616], cifar100 [0.5071, 0.4867, 0.4408] /
-[0.2675, 0.2565, 0.2761], other datasets 0.5 / 0.5). Images enter with three channels (grey
+normalisation by the mean / std the ID dataset declares (``Split.statistics``; CIFAR-10 and
+CIFAR-100 declare OpenOOD's, ``openood/preprocessors/transform.py``: cifar10 [0.4914, 0.4822,
+0.4465] / [0.2470, 0.2435, 0.2616], cifar100 [0.5071, 0.4867, 0.4408] / [0.2675, 0.2565, 0.2761]),
+other datasets OpenOOD's fallback 0.5 / 0.5. Images enter with three channels (grey
 repeated), at ``image_size`` (bilinear resize when they differ).
 
 Sharing: ``shared_classifier`` trains (or loads) the cross-entropy classifier once per
@@ -51,6 +52,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from data.base import Split
+from data.datasets.cifar10 import CIFAR10
+from data.datasets.cifar100 import CIFAR100
 from data.transforms import Transform, to_tensor
 from methods.base import LearningRate, Method, MethodParams, RunContext, check_finite
 
@@ -61,8 +64,8 @@ log = logging.getLogger("adgrid.classifier")
 
 #: OpenOOD v1.5 ``normalization_dict`` (openood/preprocessors/transform.py); "half" is its fallback.
 NORMALIZATION = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "cifar10": (CIFAR10.statistics.mean, CIFAR10.statistics.std),
+    "cifar100": (CIFAR100.statistics.mean, CIFAR100.statistics.std),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
@@ -419,16 +422,29 @@ class Inputs:
 
 
 def make_inputs(p: ClassifierParams, split: Split) -> Inputs:
+    """The input pipeline; ``normalization: auto`` = the mean / std the split's dataset declares
+    (``Split.statistics``: OpenOOD's for CIFAR-10 / CIFAR-100), else OpenOOD's 0.5 / 0.5 fallback."""
     kind = p.normalization
+    declared = split.statistics
+    if kind == "auto" and declared.mean:
+        mean, std = _three_channels(declared.mean), _three_channels(declared.std)
+        return Inputs(p.image_size, mean, std, f"auto: {declared.source or f'declared by {split.dataset}'}")
     if kind == "auto":
-        dataset = str((split.meta or {}).get("dataset", "")).lower()
-        kind = dataset if dataset in ("cifar10", "cifar100") else "half"
-        source = f"auto: OpenOOD normalization_dict[{kind!r}]" + ("" if kind != "half" else
-                                                                   " (OpenOOD's fallback for other datasets)")
+        kind, source = "half", "auto: OpenOOD normalization_dict['half'] (OpenOOD's fallback for other datasets)"
     else:
         source = f"normalization_dict[{kind!r}]"
     mean, std = NORMALIZATION[kind]
     return Inputs(p.image_size, mean, std, source)
+
+
+def _three_channels(values: tuple[float, ...]) -> tuple[float, ...]:
+    """Declared per-channel values for the classifier's three input channels (grey repeated)."""
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        return values * 3
+    if len(values) != 3:
+        raise ValueError(f"declared mean / std have {len(values)} channels; the classifier takes 1 or 3")
+    return values
 
 
 def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:

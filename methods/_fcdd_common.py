@@ -27,11 +27,14 @@ What lives here:
 Outlier exposure and semi-supervision hooks (call before ``fit``):
 
 * ``method.set_outlier_exposure(images)``: ``images`` is a ``Split``, an N×H×W×C uint8 array or a
-  list of such images; they replace ``oe_dataset``. Without the hook, ``fit`` loads the train side
-  of the registered dataset ``oe_dataset`` (``data.create_dataset(oe_dataset,
-  oe_dataset_params).load('train')``, through ``data.protocols.get_dataset``); if no such dataset
-  is registered it raises
-  NotImplementedError naming what is missing.
+  list of such images; they replace the outlier set below.
+* Without the hook the outlier images come from the data side (``data.base.OutlierExposure``,
+  read by ``data.protocols.outlier_exposure_split``; the method never loads a dataset itself):
+  the set the grid's dataset entry names (``outlier_exposure: {name: cifar100, root: ...}``,
+  carried by the train split, part of the cell's identity); else the params' ``oe_dataset`` /
+  ``oe_dataset_params`` (existing grids); else the recipe's default, CIFAR-100's train side at
+  28 / 32 px. Naming different sets in the entry and the params is an error; an unregistered
+  dataset raises NotImplementedError naming what is missing.
 * ``method.set_true_anomalies(split)``: labelled anomalies (rows with label 1; with ``split.masks``
   when available, which switches FCDD to the pixel-wise Eq. 3). Rows with label 1 in the train split
   are used too.
@@ -48,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from data.base import Split
+from data.base import OutlierExposure, Split
 from data.transforms import Transform, resize_masks, to_tensor
 from methods._nets import (Normalizer, Reception, fcdd_reception, fit_normalizer, gaussian_blur,
                            load_vgg11_bn_state)
@@ -483,32 +486,41 @@ class FCDDFamily(Method):
         return (x * 255).round().clamp(0, 255).to(torch.uint8)
 
     # data for the anomaly sources ------------------------------------------------------------
-    def _oe_pool(self, setup: Setup, g: torch.Generator) -> torch.Tensor:
+    def _oe_source(self, train: Split, setup: Setup) -> OutlierExposure | None:
+        """Which outlier-exposure set the data side provides (``data.protocols.outlier_exposure_source``
+        states the rule): the train split's (the grid's dataset entry names it), else the params'
+        ``oe_dataset``, else the recipe's (CIFAR-100 at 28 / 32 px, none at 224 px)."""
         p = self.params
+        entry = train.outlier_exposure
+        if entry is not None:
+            if (p.oe_dataset and p.oe_dataset != entry.name) or (p.oe_dataset_params and
+                                                                 dict(p.oe_dataset_params) != dict(entry.params)):
+                raise ValueError(f"the dataset entry's outlier_exposure ({entry.name} {dict(entry.params)}) and "
+                                 f"params oe_dataset / oe_dataset_params ({p.oe_dataset} {p.oe_dataset_params}) "
+                                 "disagree: name the outlier set in one place")
+            return entry
         name = p.oe_dataset or FAMILIES[setup.family]["oe_dataset"]
+        return OutlierExposure(name=name, params=dict(p.oe_dataset_params)) if name else None
+
+    def _oe_pool(self, train: Split, setup: Setup, g: torch.Generator) -> torch.Tensor:
+        p = self.params
         if self._oe_images is None:
-            if not name:
-                raise ValueError("anomaly_source 'oe' needs params oe_dataset: NAME (a registered dataset) "
+            source = self._oe_source(train, setup)
+            if source is None:
+                raise ValueError("anomaly_source 'oe' needs an outlier set: outlier_exposure: {name: DATASET} "
+                                 "on the grid's dataset entry, params oe_dataset: NAME (a registered dataset), "
                                  "or images passed with set_outlier_exposure() before fit")
             import data  # registers every dataset module
-            if name not in data.DATASETS:
+            if source.name not in data.DATASETS:
                 raise NotImplementedError(
-                    f"outlier exposure needs the dataset {name!r}, which is not registered in "
+                    f"outlier exposure needs the dataset {source.name!r}, which is not registered in "
                     f"data/datasets (registered: {', '.join(sorted(data.DATASETS)) or 'none'}); add it there "
                     "or pass its images with FCDD.set_outlier_exposure(images) before fit")
-            key = ("oe-images", name, json.dumps(p.oe_dataset_params, sort_keys=True),
+            key = ("oe-images", source.name, json.dumps(dict(source.params), sort_keys=True),
                    setup.raw_size, setup.channels, "luma")
-
-            def load():
-                try:
-                    from data.protocols import get_dataset  # memoised dataset instances
-                except ImportError:  # pragma: no cover - data layer without protocols
-                    get_dataset = data.create_dataset
-                return self._oe_uint8(get_dataset(name, p.oe_dataset_params).load("train").images, setup)
-
-            pool = self.ctx.cached(key, load)
-            origin = f"dataset {name} (train side)"
-            self._supervision["oe_dataset"] = name
+            pool = self.ctx.cached(key, lambda: self._oe_uint8(source.load().images, setup))
+            origin = source.describe()
+            self._supervision["oe_dataset"] = source.name
         else:
             pool = self._oe_uint8(self._oe_images, setup)
             origin = self._oe_origin
@@ -567,7 +579,7 @@ class FCDDFamily(Method):
         self._supervision = {"anomaly_source": source}
         oe_pool = true_x = true_gt = None
         if source == "oe":
-            oe_pool = self._oe_pool(setup, g)
+            oe_pool = self._oe_pool(train, setup, g)
         elif source == "semi":
             true_x, true_gt = self._true_pool(train, setup, g)
         elif source == "confetti":

@@ -15,14 +15,14 @@ Sources (architectures and constants transcribed from the official code, layer b
 Preprocessing: global contrast normalisation with the l1 scale (GCN, per sample: subtract the mean
 over all pixels and channels, divide by the mean absolute deviation) followed by min-max scaling
 with per-normal-class constants, which the official code pre-computed on the normal training
-images after GCN. ``fit_normalizer`` uses those constants when it can identify the dataset and the
-normal class of a split (see ``identify_split``); otherwise it computes min and max over the normal
-training images after GCN itself and says so in ``Normalizer.source``.
+images after GCN. ``fit_normalizer`` uses the constants the split's dataset declares for its normal
+class (``Split.statistics``, ``data.base.ClassStatistics``: MNIST, Fashion-MNIST, CIFAR-10 and
+MVTec AD declare the official ones); otherwise it computes min and max over the normal training
+images after GCN itself and says so in ``Normalizer.source``.
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,159 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.base import Split
-
-# --------------------------------------------------------------------------------------------
-# Official per-class constants
-# --------------------------------------------------------------------------------------------
-
-# (min, max) after GCN-l1, per normal class. MNIST: Deep-SVDD-PyTorch src/datasets/mnist.py.
-_MNIST_MINMAX = [
-    (-0.8826567065619495, 9.001545489292527), (-0.6661464580883915, 20.108062262467364),
-    (-0.7820454743183202, 11.665100841080346), (-0.7645772083211267, 12.895051191467457),
-    (-0.7253923114302238, 12.683235701611533), (-0.7698501867861425, 13.103278415430502),
-    (-0.778418217980696, 10.457837397569108), (-0.7129780970522351, 12.057777597673047),
-    (-0.8280402650205075, 10.581538445782988), (-0.7369959242164307, 10.697039838804978),
-]
-# CIFAR-10: Deep-SVDD-PyTorch src/datasets/cifar10.py (identical in fcdd datasets/cifar.py).
-_CIFAR10_MINMAX = [
-    (-28.94083453598571, 13.802961825439636), (-6.681770233365245, 9.158067708230273),
-    (-34.924463588638204, 14.419298165027628), (-10.599172931391799, 11.093187820377565),
-    (-11.945022995801637, 10.628045447867583), (-9.691969487694928, 8.948326776180823),
-    (-9.174940012342555, 13.847014686472365), (-6.876682005899029, 12.282371383343161),
-    (-15.603507135507172, 15.2464923804279), (-6.132882973622672, 8.046098172351265),
-]
-# Fashion-MNIST: fcdd python/fcdd/datasets/fmnist.py (min_max_l1).
-_FMNIST_MINMAX = [
-    (-2.681239128112793, 24.85430908203125), (-2.5778584480285645, 11.169795989990234),
-    (-2.808171510696411, 19.133548736572266), (-1.9533653259277344, 18.65673065185547),
-    (-2.6103856563568115, 19.166685104370117), (-1.2358522415161133, 28.463092803955078),
-    (-3.251605987548828, 24.196823120117188), (-1.0814440250396729, 16.878812789916992),
-    (-3.6560964584350586, 11.3502836227417), (-1.3859291076660156, 11.426650047302246),
-]
-# MVTec-AD: fcdd python/fcdd/datasets/mvtec.py (min_max_l1), per channel: (mins, maxs).
-_MVTEC_MINMAX = [
-    ((-1.3336724042892456, -1.3107913732528687, -1.2445921897888184), (1.3779616355895996,) * 3),
-    ((-2.2404820919036865, -2.3387579917907715, -2.2896201610565186), (4.573435306549072,) * 3),
-    ((-3.184587001800537, -3.164201259613037, -3.1392977237701416),
-     (1.6995097398757935, 1.6011602878570557, 1.5209171772003174)),
-    ((-3.0334954261779785, -2.958242416381836, -2.7701096534729004),
-     (6.503103256225586, 5.875098705291748, 5.814228057861328)),
-    ((-3.100773334503174,) * 3, (4.27892541885376,) * 3),
-    ((-3.6565306186676025, -3.507692813873291, -2.7635035514831543),
-     (18.966819763183594, 21.64590072631836, 26.408710479736328)),
-    ((-1.5192601680755615, -2.2068002223968506, -2.3948357105255127),
-     (11.564697265625, 10.976534843444824, 10.378695487976074)),
-    ((-1.3207964897155762, -1.2889339923858643, -1.148416519165039), (6.854909896850586,) * 3),
-    ((-0.9883341193199158, -0.9822461605072021, -0.9288841485977173),
-     (2.290637969970703, 2.4007883071899414, 2.3044068813323975)),
-    ((-7.236185073852539,) * 3, (3.3777384757995605,) * 3),
-    ((-3.2036616802215576, -3.221003532409668, -3.305514335632324),
-     (7.022546768188477, 6.115569114685059, 6.310940742492676)),
-    ((-0.8915618658065796, -0.8669204115867615, -0.8002046346664429),
-     (4.4255571365356445, 4.642300128936768, 4.305730819702148)),
-    ((-1.9086798429489136, -2.0004451274871826, -1.929288387298584), (5.463134765625,) * 3),
-    ((-2.9547364711761475, -3.17536997795105, -3.143850803375244),
-     (5.305514812469482, 4.535006523132324, 3.3618252277374268)),
-    ((-1.2906527519226074,) * 3, (2.515115737915039,) * 3),
-]
-# Per-class channel mean / std of the raw [0, 1] images (fcdd datasets/cifar.py), used by FCDD's
-# CIFAR-10 default preprocessing 'aug1'.
-_CIFAR10_MEAN = [
-    (0.5256516933441162, 0.5603281855583191, 0.5888723731040955),
-    (0.4711322784423828, 0.45446228981018066, 0.4471212327480316),
-    (0.48923906683921814, 0.49146366119384766, 0.423904687166214),
-    (0.4954785108566284, 0.45636114478111267, 0.4154069721698761),
-    (0.47155335545539856, 0.46515223383903503, 0.37797248363494873),
-    (0.49992093443870544, 0.4646056592464447, 0.4164286255836487),
-    (0.47001829743385315, 0.43829214572906494, 0.34500396251678467),
-    (0.5019531846046448, 0.47983652353286743, 0.4167139232158661),
-    (0.4902143180370331, 0.5253947973251343, 0.5546804070472717),
-    (0.4986417591571808, 0.4852965474128723, 0.4780091941356659),
-]
-_CIFAR10_STD = [
-    (0.2502202093601227, 0.24083486199378967, 0.2659735083580017),
-    (0.26806357502937317, 0.2658274173736572, 0.2749459445476532),
-    (0.22705480456352234, 0.2209445983171463, 0.24337927997112274),
-    (0.2568431496620178, 0.25227081775665283, 0.25799375772476196),
-    (0.21732737123966217, 0.20652702450752258, 0.21182335913181305),
-    (0.2504253387451172, 0.24374878406524658, 0.2489463835954666),
-    (0.22888341546058655, 0.21856172382831573, 0.2204199582338333),
-    (0.2430490106344223, 0.243973046541214, 0.25171563029289246),
-    (0.24962472915649414, 0.24068884551525116, 0.25149762630462646),
-    (0.2680525481700897, 0.26910799741744995, 0.2810165584087372),
-]
-
-_CLASS_NAMES = {
-    "mnist": [str(i) for i in range(10)],
-    "fashion_mnist": ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
-                      "sneaker", "bag", "ankle boot"],
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                "truck"],
-    "mvtec": ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-              "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper"],
-}
-# raw image geometry the constants were computed at: (side, channels); None = any (MVTec-AD images
-# come at 700-1024 px, grey categories possibly with one channel: fcdd used them as RGB)
-_CONST_GEOMETRY = {"mnist": (28, 1), "fashion_mnist": (28, 1), "cifar10": (32, 3), "mvtec": (None, None)}
-_ALIASES = {
-    "mnist": "mnist", "fashion_mnist": "fashion_mnist", "fashionmnist": "fashion_mnist",
-    "fmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist", "cifar10": "cifar10",
-    "cifar-10": "cifar10", "cifar_10": "cifar10", "mvtec": "mvtec", "mvtec_ad": "mvtec",
-    "mvtec-ad": "mvtec", "mvtecad": "mvtec",
-}
-
-
-def _norm_name(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", str(name).lower())
-
-
-def identify_split(split: Split) -> tuple[str | None, int | None]:
-    """(canonical dataset name, official normal-class index) of a one-class train split, or None
-    where unknown. Reads ``split.meta['dataset']`` / ``split.meta['normal_class(es)']`` when the data
-    layer sets them, else the first token of ``split.key`` and the single normal target."""
-    meta = split.meta or {}
-    raw_name = meta.get("dataset")
-    if raw_name is None:
-        raw_name = re.split(r"[^a-z0-9_\-]", str(split.key).lower(), maxsplit=1)[0]
-    dataset = _ALIASES.get(str(raw_name).lower())
-    if dataset is None:
-        return None, None
-    official = _CLASS_NAMES[dataset]
-    wanted = {_norm_name(n): i for i, n in enumerate(official)}
-
-    cls = meta.get("normal_class", meta.get("normal_classes"))
-    if isinstance(cls, (list, tuple)):
-        cls = cls[0] if len(cls) == 1 else None
-        if cls is None:
-            return dataset, None
-    if isinstance(cls, str) and "+" in cls:  # a class set ("0+1+2", data.protocols.class_label)
-        return dataset, None
-    if cls is None:
-        normal_targets = np.unique(np.asarray(split.targets)[np.asarray(split.labels) == 0])
-        if len(normal_targets) != 1:
-            return dataset, None
-        t = int(normal_targets[0])
-        if 0 <= t < len(split.class_names):
-            cls = split.class_names[t]
-            if _norm_name(cls) not in wanted and len(split.class_names) == len(official):
-                return dataset, t  # standard class order, non-standard spelling
-        else:
-            cls = t
-    if isinstance(cls, (int, np.integer)):
-        if 0 <= int(cls) < len(official):
-            return dataset, int(cls)
-        return dataset, None
-    if _norm_name(cls) in wanted:
-        return dataset, wanted[_norm_name(cls)]
-    if dataset == "mvtec":  # e.g. class names are defect types: find the category in the key
-        for i, name in enumerate(official):
-            if name in str(split.key).lower():
-                return dataset, i
-    if str(cls).isdigit() and int(cls) < len(official):
-        return dataset, int(cls)
-    return dataset, None
-
+from data.base import ClassStatistics, Split
 
 # --------------------------------------------------------------------------------------------
 # GCN + min-max / mean-std normalisation
@@ -246,29 +94,31 @@ def _per_channel(values: Sequence[float], c: int) -> list[float]:
     raise ValueError(f"normalisation constants for {len(values)} channels, input has {c}")
 
 
+def declared_class_statistics(split: Split | None, raw_hw: tuple[int, int] | None,
+                              raw_channels: int | None) -> tuple[ClassStatistics, str] | None:
+    """(the statistics the split's dataset declares for its one normal class, a tag naming them) when
+    the images have the geometry the constants hold at; else None (class sets, no declaration)."""
+    if split is None or split.normal_class is None:
+        return None
+    declared = split.statistics.for_class(split.normal_class)
+    if declared is None or not split.statistics.fits(raw_hw, raw_channels):
+        return None
+    return declared, f"{split.statistics.class_source} {split.dataset}/{split.normal_class.lower()}"
+
+
 def fit_normalizer(kind: str, normal_images: torch.Tensor, split: Split | None,
                    stats: str = "auto", raw_hw: tuple[int, int] | None = None,
                    raw_channels: int | None = None) -> Normalizer:
-    """Build the normaliser for ``kind`` from the official constants (``stats='auto'`` and the
-    split identifies a dataset / normal class whose raw geometry matches) or computed from
+    """Build the normaliser for ``kind`` from the constants the split's dataset declares for its
+    normal class (``stats='auto'``, at the geometry they hold at) or computed from
     ``normal_images`` (N×C×H×W in [0, 1], the normal training images as the net sees them)."""
     if kind == "none":
         return Normalizer("none", source="no normalisation (inputs in [0, 1])")
-    dataset, cls = identify_split(split) if (split is not None and stats == "auto") else (None, None)
-    geometry_ok = False
-    if dataset is not None and cls is not None:
-        side, ch = _CONST_GEOMETRY[dataset]
-        geometry_ok = (ch is None or ch == raw_channels) and (side is None or raw_hw == (side, side))
-    tag = f"{dataset}/{_CLASS_NAMES[dataset][cls]}" if geometry_ok else None
+    found = declared_class_statistics(split, raw_hw, raw_channels) if stats == "auto" else None
+    declared, tag = found if found else (None, None)
     if kind == "gcn_minmax":
-        table = {"mnist": _MNIST_MINMAX, "fashion_mnist": _FMNIST_MINMAX,
-                 "cifar10": _CIFAR10_MINMAX}
-        if tag and dataset in table:
-            lo, hi = table[dataset][cls]
-            return Normalizer(kind, lo=(lo,), hi=(hi,), source=f"official constants {tag}")
-        if tag and dataset == "mvtec":
-            lo, hi = _MVTEC_MINMAX[cls]
-            return Normalizer(kind, lo=tuple(lo), hi=tuple(hi), source=f"official constants {tag}")
+        if declared is not None and declared.gcn_min:
+            return Normalizer(kind, lo=tuple(declared.gcn_min), hi=tuple(declared.gcn_max), source=tag)
         g = torch.cat([gcn_l1(b) for b in normal_images.split(512)])
         lo, hi = float(g.min()), float(g.max())
         if hi <= lo:
@@ -276,9 +126,8 @@ def fit_normalizer(kind: str, normal_images: torch.Tensor, split: Split | None,
         return Normalizer(kind, lo=(lo,), hi=(hi,),
                           source=f"computed: min/max over {len(g)} normal training images after GCN-l1")
     if kind == "mean_std":
-        if tag and dataset == "cifar10":
-            return Normalizer(kind, mean=_CIFAR10_MEAN[cls], std=_CIFAR10_STD[cls],
-                              source=f"official constants {tag}")
+        if declared is not None and declared.mean:
+            return Normalizer(kind, mean=tuple(declared.mean), std=tuple(declared.std), source=tag)
         mean = normal_images.mean(dim=(0, 2, 3))
         std = normal_images.std(dim=(0, 2, 3)).clamp_min(1e-6)
         return Normalizer(kind, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),

@@ -66,9 +66,10 @@ class AEPretrainParams(MethodParams):
     published no Fashion-MNIST recipe) and cifar10_lenet for colour images; 'fmnist_lenet' is the
     authors' later Deep SAD Fashion-MNIST net. Images are resized to the net's input side (28 or
     32). input_norm: 'auto' = GCN-l1 + min-max for the Deep SVDD nets, none ([0, 1] pixels) for
-    fmnist_lenet, as Deep SAD. stats: 'auto' uses the official per-class
-    min/max constants when the split identifies MNIST / Fashion-MNIST / CIFAR-10 and its normal
-    class at the original geometry, else 'computed' from the normal training images after GCN.
+    fmnist_lenet, as Deep SAD. stats: 'auto' uses the per-class min/max constants the split's
+    dataset declares for its normal class (``Split.statistics``; the official ones for MNIST /
+    Fashion-MNIST / CIFAR-10) at the geometry they hold at, else 'computed' from the normal
+    training images after GCN.
     ae_epochs / ae_milestones / ae_weight_decay: None = the official value for the chosen net."""
 
     net: Literal["auto", "mnist_lenet", "cifar10_lenet", "fmnist_lenet"] = "auto"
@@ -241,7 +242,7 @@ class DCAE(Method):
 
     def fit(self, train: Split) -> None:
         self.inputs, x = lenet_inputs(train, self.params.net, self.params.stats, self.params.input_norm)
-        self.dataset = train.meta.get("dataset")
+        self.dataset = train.dataset or None
         self.transform = self.inputs.transform
         self.recipe = DCAERecipe.resolve(self.params, self.inputs.net)
         result = pretrain_dcae(self.ctx, train, x, self.recipe, self.inputs)

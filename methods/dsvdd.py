@@ -15,8 +15,9 @@ maps images into a feature space where normal data should concentrate around a c
   an exact 0 stays 0 as there).
 * Pre-training: the DCAE of ``methods.dcae`` (shared through the worker cache with the ``dcae``
   method); its encoder initialises φ.
-* Inputs: GCN-l1 then per-class min-max scaling to [0, 1] (Sec. 4.1) with the official constants
-  where the split identifies the dataset and class, else computed from the normal training images.
+* Inputs: GCN-l1 then per-class min-max scaling to [0, 1] (Sec. 4.1) with the constants the split's
+  dataset declares for its normal class (``Split.statistics``: the official ones for MNIST and
+  CIFAR-10), else computed from the normal training images.
 * Fashion-MNIST: the paper has no Fashion-MNIST experiment and the official code no recipe for it;
   ``net: auto`` uses the MNIST LeNet with GCN + min-max (Fashion-MNIST's official fcdd constants).
   ``net: fmnist_lenet`` is the authors' later Deep SAD recipe (lukasruff/Deep-SAD-PyTorch
@@ -97,7 +98,7 @@ class DeepSVDD(Method):
     def fit(self, train: Split) -> None:
         p, ctx = self.params, self.ctx
         self.inputs, x = lenet_inputs(train, p.net, p.stats, p.input_norm)
-        self.dataset = train.meta.get("dataset")
+        self.dataset = train.dataset or None
         self.transform = self.inputs.transform
         net_cls = DSVDD_NETS[self.inputs.net][0]
         self.net = seeded(ctx.seed, net_cls).to(ctx.device)

@@ -136,7 +136,7 @@ def choose_groups(p: "MOSParams", train: Split, num_classes: int) -> tuple[list[
     if p.groups is not None or p.n_groups is not None:
         source = "groups param" if p.groups is not None else f"n_groups={p.n_groups} contiguous"
         return resolve_groups(p.groups, p.n_groups or FALLBACK_GROUPS, num_classes), source
-    dataset = str((train.meta or {}).get("dataset", "")).lower()
+    dataset = train.dataset
     declared = dataset_groups(dataset, list(train.class_names))
     if declared is not None and len(declared) <= num_classes:
         return declared, f"declared for {dataset} (methods/mos.py DATASET_GROUPS)"

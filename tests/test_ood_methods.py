@@ -470,7 +470,7 @@ def _split_of(dataset: str, class_names: list[str]):
 
     n = len(class_names)
     return Split(images=np.zeros((n, 4, 4, 3), np.uint8), labels=np.zeros(n, np.int64),
-                 targets=np.arange(n), class_names=list(class_names), key=dataset, meta={"dataset": dataset})
+                 targets=np.arange(n), class_names=list(class_names), key=dataset, dataset=dataset)
 
 
 def test_mos_groups_per_dataset_as_openood_double_label_configs():
