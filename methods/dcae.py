@@ -2,7 +2,7 @@
 error (Ruff et al., "Deep One-Class Classification", ICML 2018, Sec. 4.1 baseline "DCAE").
 
 The autoencoder is the LeNet-type encoder of Deep SVDD plus a mirrored decoder
-(``methods._nets.MnistLeNetAE`` / ``Cifar10LeNetAE``), trained with Adam on the mean over the batch
+(``methods.deep_one_class.MnistLeNetAE`` / ``Cifar10LeNetAE``), trained with Adam on the mean over the batch
 of the per-image summed squared error ``Σ_pixels (x̂ - x)²``; the anomaly score of a test image is
 the same sum (official ``src/optim/ae_trainer.py``).
 
@@ -17,7 +17,7 @@ Defaults are the official README's (lukasruff/Deep-SVDD-PyTorch): Adam, lr 1e-4,
 ``net: fmnist_lenet`` is Deep SAD's Fashion-MNIST autoencoder on [0, 1] inputs (see ``methods.dsvdd``);
 MNIST LeNet: 150 epochs, lr ×0.1 at epoch 50, weight decay 0.5e-3; CIFAR-10 LeNet: 350 epochs,
 milestone 250, weight decay 0.5e-6. Inputs: GCN-l1 then per-class min-max scaling
-(``methods._nets.fit_normalizer``), at 28×28×1 (mnist_lenet) or 32×32×3 (cifar10_lenet).
+(``methods.deep_one_class.fit_normalizer``), at 28×28×1 (mnist_lenet) or 32×32×3 (cifar10_lenet).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch
 
 from data.base import Split
 from data.transforms import Transform, to_tensor
-from methods._nets import DSVDD_NETS, Normalizer, fit_normalizer
+from methods.deep_one_class import DSVDD_NETS, Normalizer, fit_normalizer
 from methods.base import (LearningRate, Method, MethodParams, NonFiniteLoss, RunContext, Scores, check_finite,
                           check_finite_weights, register)
 

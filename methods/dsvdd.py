@@ -1,6 +1,6 @@
 """Deep SVDD (Ruff et al., "Deep One-Class Classification", ICML 2018).
 
-A bias-free network φ(·; W) (LeNet-type, ``methods._nets.MnistLeNet`` / ``Cifar10LeNet``; no bias
+A bias-free network φ(·; W) (LeNet-type, ``methods.deep_one_class.MnistLeNet`` / ``Cifar10LeNet``; no bias
 terms and no affine batch-norm parameters, Sec. 3.3 Prop. 2, no bounded final activation, Prop. 3)
 maps images into a feature space where normal data should concentrate around a centre c.
 
@@ -37,7 +37,7 @@ import torch
 from pydantic import Field
 
 from data.base import Split
-from methods._nets import DSVDD_NETS
+from methods.deep_one_class import DSVDD_NETS
 from methods.base import (LearningRate, Method, NonFiniteLoss, RunContext, Scores, check_finite, check_finite_weights,
                           register)
 from methods.dcae import (AEPretrainParams, DCAERecipe, LeNetInputs, batches, lenet_inputs,

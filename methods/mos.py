@@ -54,7 +54,7 @@ from pydantic import Field, model_validator
 
 from data.base import Split
 from data.datasets.cifar100 import COARSE_CLASSES, COARSE_OF_FINE, FINE_CLASSES
-from methods._classifier import (BiTResNet, ClassifierParams, build_network, classifier_affinity, describe_recipe,
+from methods.classifier import (BiTResNet, ClassifierParams, build_network, classifier_affinity, describe_recipe,
                                  load_bit_npz, load_state, read_state_dict, resolve_checkpoint, run_training,
                                  sgd, sha256_file, shared_classifier, predict_logits, train_data,
                                  epoch_selector)

@@ -311,8 +311,8 @@ class _RunsShell:
                                     "vgg11_bn download"])
 def test_weight_files_are_read_without_running_code(empty_caches, monkeypatch, loader):
     """Every torch file a grid can name (or a download can leave) goes through torch.load(weights_only=True)."""
-    import methods._classifier as C
-    import methods._nets as N
+    import methods.classifier as C
+    import methods.deep_one_class as N
 
     marker = empty_caches / "marker"
     crafted = empty_caches / "crafted.pth"

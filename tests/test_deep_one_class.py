@@ -20,9 +20,9 @@ from data.base import Split
 from data.datasets.cifar10 import CIFAR10
 from data.datasets.fashion_mnist import FashionMNIST
 from data.datasets.mnist import MNIST
-from methods._fcdd_common import (confetti_noise, fcdd_gt_losses, fcdd_losses, hsc_losses, malform,
+from methods.fcdd_family import (confetti_noise, fcdd_gt_losses, fcdd_losses, hsc_losses, malform,
                                   pseudo_huber)
-from methods._nets import (FCDDNet, Reception, declared_class_statistics, fit_normalizer, gcn_l1,
+from methods.deep_one_class import (FCDDNet, Reception, declared_class_statistics, fit_normalizer, gcn_l1,
                            receptive_upsample)
 from methods.base import ArtifactCache, NonFiniteLoss, RunContext, create
 from methods.dsvdd import init_center, radius_from_distances
@@ -123,7 +123,7 @@ def test_dsvdd_one_class_trains_and_detects(digits):
 
 def test_dsvdd_network_is_bias_free_and_centre_eps_rule(digits):
     for net in ("mnist_lenet", "cifar10_lenet"):
-        encoder, ae = methods._nets.DSVDD_NETS[net]
+        encoder, ae = methods.deep_one_class.DSVDD_NETS[net]
         for module in (encoder(), ae().encoder):
             assert not [n for n, _ in module.named_parameters() if "bias" in n]
     c = init_center(torch.tensor([0.05, -0.05, 0.2, -0.3, 0.0, 0.1, -0.099]), eps=0.1)
@@ -221,7 +221,7 @@ def test_fashion_mnist_auto_recipe_unchanged_and_deep_sad_recipe_labelled(digits
 
 def test_deep_sad_fmnist_lenet_layout():
     """Deep-SAD-PyTorch src/networks/fmnist_LeNet.py: shapes of every weight, bias-free, 28 -> 64 -> 28."""
-    ae = methods._nets.FmnistLeNetAE().eval()
+    ae = methods.deep_one_class.FmnistLeNetAE().eval()
     shapes = {k: tuple(v.shape) for k, v in ae.state_dict().items() if k.endswith("weight")}
     assert shapes == {"encoder.conv1.weight": (16, 1, 5, 5), "encoder.conv2.weight": (32, 16, 5, 5),
                       "encoder.fc1.weight": (128, 1568), "encoder.fc2.weight": (64, 128),
@@ -561,7 +561,7 @@ def test_fcdd_vgg_224_end_to_end_without_pretraining():
 
 def test_fcdd_auto_anomaly_source_follows_the_runner_configs(digits):
     """auto = outlier exposure (CIFAR-100) at 28 / 32 px, confetti at 224 px (argparse_configs.py)."""
-    from methods._fcdd_common import FAMILIES
+    from methods.fcdd_family import FAMILIES
 
     assert methods.METHODS["fcdd"].Params().anomaly_source == "auto"
     assert methods.METHODS["fcdd_hsc"].Params().anomaly_source == "auto"
@@ -597,7 +597,7 @@ def test_fcdd_grey_outlier_exposure_uses_luma(digits):
 def test_fcdd_enlarge_repeats_the_train_set_per_epoch(digits, monkeypatch):
     """ADMvTec.enlarge (datasets/mvtec.py:14, mvtec_base.py:90-91): the MVTec-AD recipe makes 10
     passes per epoch and decays the lr once per epoch (training/bases.py:204); others make one."""
-    from methods._fcdd_common import FAMILIES
+    from methods.fcdd_family import FAMILIES
 
     assert {f: d["enlarge"] for f, d in FAMILIES.items()} == {"28": 1, "32": 1, "224": 10}
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import torch
 import methods
 from data.base import ClassStatistics, Dataset, DatasetParams, RawData, Statistics, register_dataset
 from data.protocols import make_splits
-from methods._nets import MnistLeNet
+from methods.deep_one_class import MnistLeNet
 from methods.base import RunContext, create
 
 PLUGIN = "plugin_declared_stats"
@@ -103,7 +103,7 @@ def test_dsvdd_feeds_its_net_the_plugin_declared_gcn_minmax_inputs():
 
 
 def test_the_classifier_normalises_with_the_declared_mean_and_std():
-    from methods._classifier import ClassifierParams, make_inputs
+    from methods.classifier import ClassifierParams, make_inputs
 
     train, _ = make_splits(PLUGIN, {}, "osr", ("blob",))
     inputs = make_inputs(ClassifierParams(image_size=28), train)
