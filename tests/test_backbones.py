@@ -322,7 +322,7 @@ def test_weight_files_are_read_without_running_code(empty_caches, monkeypatch, l
         torch.save({"features.0.weight": _RunsShell(marker)}, dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    read = {"backbone weights": lambda: B._read_state_dict(str(crafted)),
+    read = {"backbone weights": lambda: B.read_state_dict(str(crafted)),
             "classifier checkpoint": lambda: C.read_state_dict(crafted),
             "vgg11_bn weights": lambda: N.load_vgg11_bn_state(str(crafted)),
             "vgg11_bn download": lambda: N.load_vgg11_bn_state(None)}[loader]

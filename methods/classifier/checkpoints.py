@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
+from methods.backbones import read_state_dict, sha256_of  # noqa: F401  (the one weight-file reader; re-exported)
 from methods.classifier.nets import BiTResNet
 
 
@@ -13,8 +13,6 @@ from methods.classifier.nets import BiTResNet
 # checkpoints
 
 def sha256_file(path: str | Path) -> str:
-    from methods.backbones import sha256_of
-
     return sha256_of(path)
 
 
@@ -26,19 +24,6 @@ def resolve_checkpoint(path: str) -> Path:
             f"released checkpoints, cifar10_resnet18_32x32_base_e100_lr0.1_default/s0/best.ckpt) or remove "
             f"`checkpoint` from the grid to train the classifier")
     return p
-
-
-def read_state_dict(path: str | Path) -> dict:
-    """A state dict from a torch file: a bare state dict or one under 'state_dict' / 'model' / 'net'
-    (DataParallel's 'module.' prefix stripped)."""
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "net", "model_state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a state dict (got {type(obj).__name__})")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
 def load_state(net: nn.Module, state: dict, source: str) -> None:

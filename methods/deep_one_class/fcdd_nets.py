@@ -59,7 +59,6 @@ def _vgg11_bn_features() -> nn.Sequential:
 def load_vgg11_bn_state(weights: str | None) -> tuple[dict, str]:
     """ImageNet vgg11_bn weights: from ``weights`` (a local .pth) or torchvision's cache.
     Returns (state_dict, sha256 of the file). Offline and absent: a clear error."""
-    import hashlib
     import os
 
     if weights:
@@ -85,10 +84,9 @@ def load_vgg11_bn_state(weights: str | None) -> tuple[dict, str]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"weights file {path} does not exist: place the torchvision vgg11_bn "
                                 "ImageNet checkpoint (vgg11_bn-6002323d.pth) there or set pretrained: false")
-    with open(path, "rb") as fh:
-        sha = hashlib.sha256(fh.read()).hexdigest()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state, sha
+    from methods.backbones import read_state_dict, sha256_of
+
+    return read_state_dict(path), sha256_of(path)
 
 
 class FCDDNet(nn.Module):
