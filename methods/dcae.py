@@ -31,7 +31,7 @@ from data.base import Split
 from data.transforms import Transform, to_tensor
 from methods.deep_one_class import DSVDD_NETS, Normalizer, fit_normalizer
 from methods.base import (LearningRate, Method, MethodParams, NonFiniteLoss, RunContext, Scores, check_finite,
-                          check_finite_weights, register)
+                          check_finite_weights, index_batches, register)
 
 AE_DEFAULTS = {
     "mnist_lenet": {"ae_epochs": 150, "ae_milestones": [50], "ae_weight_decay": 0.5e-3},
@@ -166,12 +166,6 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.o
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=(name == "amsgrad"))
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator):
-    perm = torch.randperm(n, generator=generator)
-    for start in range(0, n, batch_size):
-        yield perm[start:start + batch_size]
-
-
 def train_autoencoder(x: torch.Tensor, recipe: DCAERecipe, seed: int, device: str,
                       log=None) -> dict:
     """Train the DCAE (uncached). Returns {'state_dict' (CPU tensors), 'loss_curve'}.
@@ -184,7 +178,7 @@ def train_autoencoder(x: torch.Tensor, recipe: DCAERecipe, seed: int, device: st
     ae.train()
     for epoch in range(1, recipe.epochs + 1):
         total, count = 0.0, 0
-        for idx in batches(len(x), recipe.batch_size, g):
+        for idx in index_batches(len(x), recipe.batch_size, g):
             xb = x[idx].to(device)
             opt.zero_grad(set_to_none=True)
             loss = ((ae(xb) - xb) ** 2).flatten(1).sum(1).mean()

@@ -39,8 +39,8 @@ from pydantic import Field
 from data.base import Split
 from methods.deep_one_class import DSVDD_NETS
 from methods.base import (LearningRate, Method, NonFiniteLoss, RunContext, Scores, check_finite, check_finite_weights,
-                          register)
-from methods.dcae import (AEPretrainParams, DCAERecipe, LeNetInputs, batches, lenet_inputs,
+                          index_batches, register)
+from methods.dcae import (AEPretrainParams, DCAERecipe, LeNetInputs, lenet_inputs,
                           make_optimizer, pretrain_dcae, recipe_affinity, recipe_label, seeded)
 
 
@@ -118,7 +118,7 @@ class DeepSVDD(Method):
         self.net.train()
         for epoch in range(1, p.epochs + 1):
             total, count = 0.0, 0
-            for idx in batches(len(x), p.batch_size, g):
+            for idx in index_batches(len(x), p.batch_size, g):
                 xb = x[idx].to(ctx.device)
                 opt.zero_grad(set_to_none=True)
                 dist = ((self.net(xb) - self.c) ** 2).sum(dim=1)

@@ -37,7 +37,6 @@ Sharing: ``shared_classifier`` trains (or loads) the cross-entropy classifier on
 Gram, OpenMax and MOS's fine-tuning start all take it from there. ``classifier_affinity`` is the
 runner's affinity key for those methods: equal recipes give equal keys.
 
-
 Modules: ``nets``, ``checkpoints``, ``training`` (params, inputs, the training loop), ``posthoc``
 (the shared classifier, ``PostHocMethod``).
 """

@@ -5,7 +5,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from data.base import Split
 from data.datasets.cifar10 import CIFAR10
 from data.datasets.cifar100 import CIFAR100
 from data.transforms import Transform, to_tensor
-from methods.base import LearningRate, MethodParams, check_finite
+from methods.base import LearningRate, MethodParams, check_finite, index_batches
 from methods.classifier.checkpoints import cpu_state
 from methods.classifier.nets import build_network
 
@@ -180,15 +180,6 @@ def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # training
 
-def batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
-    """Shuffled index batches; a last batch of one sample is dropped (BatchNorm needs two)."""
-    perm = torch.randperm(n, generator=g)
-    for start in range(0, n, batch_size):
-        idx = perm[start:start + batch_size]
-        if len(idx) >= 2 or n == 1:
-            yield idx
-
-
 def steps_per_epoch(n: int, batch_size: int) -> int:
     full, rest = divmod(n, batch_size)
     return full + (1 if rest >= 2 else 0)
@@ -341,7 +332,7 @@ def run_training(data: TrainData, step_fn: StepFn, optimizer: torch.optim.Optimi
     stop = False
     for epoch in range(epochs):
         total, count = 0.0, 0
-        for idx in batches(data.n_fit, batch_size, g):
+        for idx in index_batches(data.n_fit, batch_size, g, drop_single=True):
             if data.fit_idx is not None:
                 idx = data.fit_idx[idx]
             lr = lr_at(step)

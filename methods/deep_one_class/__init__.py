@@ -20,7 +20,6 @@ class (``Split.statistics``, ``data.base.ClassStatistics``: MNIST, Fashion-MNIST
 MVTec AD declare the official ones); otherwise it computes min and max over the normal training
 images after GCN itself and says so in ``Normalizer.source``.
 
-
 Modules: ``preprocessing`` (GCN, ``Normalizer``, ``fit_normalizer``), ``lenet`` (Deep SVDD /
 DCAE / Deep SAD LeNets, ``DSVDD_NETS``), ``receptive`` (receptive field, up-sampling, blur),
 ``fcdd_nets`` (FCDD, HSC and AE networks).

@@ -40,7 +40,6 @@ Outlier exposure and semi-supervision hooks (call before ``fit``):
   when available, which switches FCDD to the pixel-wise Eq. 3). Rows with label 1 in the train split
   are used too.
 
-
 Modules: ``recipes`` (FAMILIES, params, Setup), ``confetti``, ``augment``, ``losses``, ``family``
 (FCDDFamily).
 """
