@@ -182,3 +182,30 @@ def test_run_cell_hands_the_entry_outlier_set_to_fcdd():
     assert row["status"] == "ok", row.get("error")
     assert json.loads(row["resolved_params"])["oe_origin"] == "dataset digits (train side)"
     assert methods.METHODS["fcdd"] is not None
+
+
+def test_bad_declarations_say_what_is_wrong():
+    with pytest.raises(ValueError, match="mean has 1 channels, std 3"):
+        Statistics(mean=(0.5,), std=(0.2, 0.2, 0.2))
+    with pytest.raises(ValueError, match="std must be positive"):
+        Statistics(mean=(0.5,), std=(0.0,))
+    with pytest.raises(ValueError, match="'a' has gcn_max <= gcn_min"):
+        Statistics(per_class={"a": ClassStatistics(gcn_min=(2.0,), gcn_max=(1.0,))})
+    from data.protocols import outlier_exposure_source
+
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        outlier_exposure_source({"name": "nope"})
+    with pytest.raises(ValueError, match="needs name"):
+        outlier_exposure_source({"root": "/x"})
+
+
+def test_index_batches_shuffles_with_the_generator_and_drops_a_lone_last_sample_on_request():
+    from methods.base import index_batches
+
+    assert [b.tolist() for b in index_batches(5, 2)] == [[0, 1], [2, 3], [4]]
+    assert [b.tolist() for b in index_batches(5, 2, drop_single=True)] == [[0, 1], [2, 3]]
+    assert [b.tolist() for b in index_batches(1, 2, drop_single=True)] == [[0]]
+    a = torch.cat(list(index_batches(9, 4, torch.Generator().manual_seed(3))))
+    b = torch.cat(list(index_batches(9, 4, torch.Generator().manual_seed(3))))
+    assert a.tolist() == b.tolist() == torch.randperm(9, generator=torch.Generator().manual_seed(3)).tolist()
+    assert sorted(a.tolist()) == list(range(9))
