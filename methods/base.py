@@ -55,6 +55,20 @@ def check_finite_weights(module, epoch: int) -> None:
         raise NonFiniteLoss(epoch, "weights")
 
 
+def index_batches(n: int, batch_size: int, generator=None, *, drop_single: bool = False):
+    """The one mini-batch helper: index tensors over ``n`` samples, ``batch_size`` at a time;
+    shuffled by one ``torch.randperm`` with ``generator`` (a seeded ``torch.Generator``), in order
+    without one. ``drop_single``: drop a last batch of one sample (training BatchNorm needs two)
+    unless ``n`` is 1."""
+    import torch
+
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if not drop_single or len(idx) >= 2 or n == 1:
+            yield idx
+
+
 @dataclass
 class Scores:
     """image: N floats; pixel: optional N×h×w maps; pred: optional N predicted class ids."""

@@ -194,7 +194,8 @@ def run_cell(cell: Cell, *, run_id: str = "", attempt: int = 1, device: str = "c
     try:
         ensure_loaded(cell.plugins)  # a worker imports the grid's plugins before its first cell
         train, tests = make_splits(cell.dataset, cell.dataset_params, cell.protocol, cell.normal_class,
-                                   ood=list(cell.ood) or None, ood_params=cell.ood_params, seed=cell.seed)
+                                   ood=list(cell.ood) or None, ood_params=cell.ood_params,
+                                   outlier_exposure=cell.outlier_exposure or None, seed=cell.seed)
         seed_everything(cell.seed)
         method = create(cell.method, cell.params, ctx)
         t_fit = time.perf_counter()

@@ -61,8 +61,22 @@ class MethodEntry(BaseModel):
         return merged
 
 
+class OutlierExposureEntry(BaseModel):
+    """The outlier-exposure set of a dataset entry (FCDD's ``anomaly_source: oe``): a registered
+    dataset whose train side the data layer provides; keys other than ``name`` are its params."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class DatasetEntry(BaseModel):
-    """A dataset with its protocol; keys other than these are the dataset's own params (root...)."""
+    """A dataset with its protocol; keys other than these are the dataset's own params (root...).
+    ``outlier_exposure``: the set a method that asks for outlier exposure gets (see
+    ``data.protocols.outlier_exposure_source``); it enters a cell's identity only when given."""
 
     model_config = ConfigDict(extra="allow")
     name: str
@@ -70,6 +84,13 @@ class DatasetEntry(BaseModel):
     classes: Union[Literal["all"], list[ClassItem]] = "all"
     ood: list[str] = Field(default_factory=list)
     ood_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    outlier_exposure: OutlierExposureEntry | None = None
+
+    @property
+    def outlier_exposure_spec(self) -> dict[str, Any]:
+        """``{name, **params}`` of the outlier-exposure set, {} when the entry names none."""
+        oe = self.outlier_exposure
+        return {"name": oe.name, **oe.params} if oe is not None else {}
 
     @property
     def params(self) -> dict[str, Any]:
@@ -265,6 +286,17 @@ def check_names(grid: GridConfig, where: str = "grid") -> None:
         for j, o in enumerate(d.ood):
             if o not in DATASETS:
                 problems.append(f"datasets[{i}] ({d.name}).ood[{j}]: unknown dataset {_choices(o, DATASETS)}")
+        if d.outlier_exposure is not None:
+            oe = d.outlier_exposure
+            if oe.name not in DATASETS:
+                problems.append(f"datasets[{i}] ({d.name}).outlier_exposure.name: unknown dataset "
+                                f"{_choices(oe.name, DATASETS)}")
+            else:
+                try:
+                    DATASETS[oe.name].Params(**oe.params)
+                except ValidationError as e:
+                    problems.append(_pydantic_message(f"datasets[{i}] ({d.name}).outlier_exposure ({oe.name})", e,
+                                                      set(DATASETS[oe.name].Params.model_fields) | {"name"}))
         if d.ood and d.protocol != "ood":
             problems.append(f"datasets[{i}] ({d.name}).ood: only the ood protocol takes OOD sets")
         try:

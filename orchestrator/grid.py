@@ -36,6 +36,7 @@ class Cell:
     ood: tuple = ()
     ood_params: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)
+    outlier_exposure: dict = field(default_factory=dict)  # {name, **params} of the entry's OE set
     # the grid's plugins (plugins.loader.PluginSpec dicts): a worker loads them before the cell; not
     # part of the identity (a method's source is recorded in its rows, ``method_source``)
     plugins: tuple = ()
@@ -54,6 +55,8 @@ class Cell:
         ood_content = {name: params for name, params in ood_content.items() if params}
         if ood_content:   # an OOD image list or resize rule changes what the cell measures
             ident["ood_params"] = ood_content
+        if self.outlier_exposure:   # only when set: cells of grids without it keep their ids
+            ident["outlier_exposure"] = {k: v for k, v in self.outlier_exposure.items() if k not in LOCATION_PARAMS}
         return ident
 
     @property
@@ -182,7 +185,7 @@ def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expans
                                     dataset_params=d.params, protocol=d.protocol,
                                     normal_class=normal_class, seed=seed, ood=tuple(d.ood),
                                     ood_params=d.ood_params, resources=m.resources.model_dump(),
-                                    plugins=plugins)
+                                    outlier_exposure=d.outlier_exposure_spec, plugins=plugins)
                         if not _selected(cell, only) or cell.cell_id in seen:
                             continue
                         if any(_matches(rule, cell) for rule in grid.exclude):
