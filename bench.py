@@ -274,7 +274,9 @@ def run_locked(args, grid, cells, store) -> int:
     if every and len(store.fresh_files()) >= every:   # the files of a killed large run: one read less
         store.compact(int(PART_MB * (1 << 20)))
         print_damaged(store)
-        print(compacted_line(store, "left by an earlier run"))
+        line = compacted_line(store, "left by an earlier run")
+        if line:
+            print(line)
     statuses = store.statuses()
     print_damaged(store)
     if args.rerun == "all":

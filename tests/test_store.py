@@ -244,3 +244,39 @@ def test_clean_temporaries_undoes_an_uncommitted_compaction_and_rolls_a_committe
         assert len(store.fresh_files()) == fresh_left and not (run / "rows" / ".compact").exists()
         df = pd.read_parquet(run / "rows")
         assert sorted(df["base_cell_id"]) == ["a", "b", "c"]
+
+
+def test_a_resume_first_compacts_the_files_a_killed_run_left(tmp_path, capsys, monkeypatch):
+    """A run folder holding --compact-every per-cell files (a large run killed before compacting):
+    the next run folds them into a part before planning, then finds every cell done (Ray never
+    starts); a negative --compact-every is refused."""
+    import textwrap
+
+    import bench
+    import orchestrator.runner
+    from orchestrator.config import load_grid
+    from orchestrator.grid import expand
+    from orchestrator.store import RowStore
+
+    monkeypatch.setattr(orchestrator.runner, "start_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    grid = tmp_path / "g.yaml"
+    grid.write_text(textwrap.dedent("""
+        name: left
+        seeds: [0, 1]
+        datasets:
+          - name: digits
+            protocol: one_class
+            classes: [0, 1]
+        methods:
+          - name: noop
+        """))
+    cells = expand(load_grid(grid)).cells
+    store = RowStore(tmp_path / "results" / "left")
+    fill(store, [c.cell_id for c in cells])
+    argv = [str(grid), "--results", str(tmp_path / "results"), "--quiet", "--no-report"]
+    assert bench.main([*argv, "--compact-every", "-1"]) == 2
+    assert "--compact-every must be 0" in capsys.readouterr().err
+    assert bench.main([*argv, "--compact-every", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "compacted 4 row file(s) left by an earlier run into 1 part(s)" in out, out
+    assert "4 cells, 4 already done, 0 to run" in out and store.fresh_files() == []
