@@ -84,6 +84,9 @@ PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 #: compaction writes parts of about this many bytes of Arrow data, in row groups of ROW_GROUP_BYTES
 PART_BYTES = 64 << 20
 ROW_GROUP_BYTES = 8 << 20
+#: cells read before they are copied into one compact table: a one-row table read from a file
+#: holds far more memory than its nbytes (its pages' buffers), so the small ones must not pile up
+SQUASH_CELLS = 256
 #: test hook: a compaction that reaches this step prints "compact paused at STEP" and sleeps, so a
 #: test can SIGKILL it there (steps: writing, written, committed, renamed, dropped, deleting, deleted)
 PAUSE_ENV = "ADGRID_COMPACT_PAUSE"
@@ -603,8 +606,9 @@ class _PartWriter:
         self.name: str | None = None
         self.cells: list[str] = []
         self.counts: list[int] = []
-        self.buffer: list[pa.Table] = []
-        self.buffered = self.part_written = self.rows = 0
+        self.pending: list[pa.Table] = []     # tables as read, up to SQUASH_CELLS
+        self.buffer: list[pa.Table] = []      # compact copies, up to a row group
+        self.pending_bytes = self.buffered = self.part_written = self.rows = 0
         self.written: list[str] = []
 
     def add(self, cell: str, table: pa.Table) -> None:
@@ -612,17 +616,28 @@ class _PartWriter:
             self.name = f"part-{self.seq:06d}.parquet"
             self.writer = pq.ParquetWriter(self.work_dir / self.name, table.schema)
             self.seq += 1
-        self.buffer.append(table)
+        self.pending.append(table)
         self.cells.append(cell)
         self.counts.append(table.num_rows)
-        self.buffered += table.nbytes
+        self.pending_bytes += table.nbytes
         self.rows += table.num_rows
-        if self.buffered >= min(ROW_GROUP_BYTES, self.part_bytes):
+        if len(self.pending) >= SQUASH_CELLS:
+            self._squash()
+        if self.buffered + self.pending_bytes >= min(ROW_GROUP_BYTES, self.part_bytes):
             self._flush()
             if self.part_written >= self.part_bytes:
                 self._finish()
 
+    def _squash(self) -> None:
+        """Copy the pending tables into one contiguous table, releasing the buffers they held."""
+        if self.pending:
+            table = pa.concat_tables(self.pending, promote_options="default").combine_chunks()
+            self.buffer.append(table)
+            self.buffered += table.nbytes
+            self.pending, self.pending_bytes = [], 0
+
     def _flush(self) -> None:
+        self._squash()
         if self.buffer:
             self.writer.write_table(pa.concat_tables(self.buffer, promote_options="default"))
             _pause("writing")
