@@ -512,7 +512,6 @@ class RowStore:
         if not fresh:
             self._fresh_since = 0
             return result
-        fresh_ids = {f.stem for f in fresh}
         parts = self.part_files()
         next_seq = max([s for s, _ in parts] + [0]) + 1
         self.work_dir.mkdir(exist_ok=True)
