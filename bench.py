@@ -6,6 +6,7 @@
                   [--no-feature-cache] [--workers N] [--node-ip IP]
   python bench.py list [GRID.yaml]
   python bench.py report RESULTS/RUN [--compare OTHER_RUN] [--tolerance POINTS] [--expected CSV]
+  python bench.py compact RESULTS/RUN [--part-mb MB]
 
 ``run`` is the default subcommand: ``python bench.py GRID.yaml`` runs the grid.
 """
@@ -26,6 +27,9 @@ EXIT_FAILED = 1  # no cell of the run succeeded, or the results could not be wri
 EXIT_BAD_INPUT = 2  # also: results folder not writable, run folder held by another driver
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 EXIT_TERMINATED = 128 + signal.SIGTERM
+#: per-cell row files a run lets accumulate before it compacts them (--compact-every)
+COMPACT_EVERY = 1000
+PART_MB = 64.0
 #: I/O errors that are the results folder's (said in one line, no traceback)
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
                   errno.ENOTDIR, errno.EEXIST}
@@ -83,6 +87,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="number of worker actors (default: one per GPU / CPU slot)")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compact-every", type=int, default=COMPACT_EVERY, metavar="N",
+                   help=f"fold the per-cell row files into rows/compacted/ whenever N have accumulated; a "
+                   f"run of N cells or more ends compacted (default {COMPACT_EVERY}; 0: never)")
     return p
 
 
@@ -100,12 +107,20 @@ def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def add_compact_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("run_dir", help="a run folder, RESULTS/RUN")
+    p.add_argument("--part-mb", type=float, default=PART_MB, help=f"size of a part file (default {PART_MB:g} MB)")
+    return p
+
+
 #: subcommand -> (help, argument builder, handler); ``run`` is the default
 SUBCOMMANDS = {
     "run": ("run a grid (the default: bench.py GRID.yaml)", add_run_arguments, lambda a: cmd_run(a)),
     "list": ("list methods, datasets and protocols with their params and defaults", add_list_arguments,
              lambda a: cmd_list(a)),
     "report": ("build the report of a finished run", add_report_arguments, lambda a: cmd_report(a)),
+    "compact": ("fold a run's per-cell row files into rows/compacted/ (a finished, killed or re-run run)",
+                add_compact_arguments, lambda a: cmd_compact(a)),
 }
 
 
@@ -168,8 +183,16 @@ def cannot_write(err: OSError, where) -> str:
 
 def print_damaged(store) -> None:
     for original, moved, why in store.damaged:
-        print(f"damaged row file {original} ({why}): moved to {moved}; its cell runs again")
+        if original.parent == store.parts_dir:
+            print(f"damaged row file {original} ({why}): moved to {moved}; the cells it held run again")
+        else:
+            print(f"damaged row file {original} ({why}): moved to {moved}; its cell runs again")
     store.damaged.clear()
+
+
+#: the columns the end-of-run summary reads (summary_table, failed_line): not the scores
+SUMMARY_COLUMNS = ["base_cell_id", "dataset", "protocol", "method", "status", "image_auroc", "pixel_auroc",
+                   "total_s", "params", "normal_class", "seed", "error"]
 
 
 def failed_line(row) -> str:
@@ -229,10 +252,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         lock.release()
 
 
+def compacted_line(store, what: str) -> str | None:
+    """One line for the compactions ``store`` did since the last call (None where it did none)."""
+    done, store.compactions = store.compactions, []
+    sources = sum(c.sources for c in done)
+    if not sources:
+        return None
+    parts = [p.name for c in done for p in c.parts]
+    return (f"compacted {sources} row file(s){' ' + what if what else ''} into {len(parts)} part(s) under "
+            f"{store.parts_dir}" + (f" ({parts[0]})" if len(parts) == 1 else f" ({parts[0]} .. {parts[-1]})"))
+
+
 def run_locked(args, grid, cells, store) -> int:
     """The run proper, under the run folder's lock: rows, summary, report, exit status."""
     run_name = store.run_dir.name
-    store.clean_temporaries()
+    every = getattr(args, "compact_every", COMPACT_EVERY)
+    if every is not None and every < 0:
+        print("error: --compact-every must be 0 (never) or a positive number of files", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    store.clean_temporaries()   # also finishes or undoes a compaction a killed driver left
+    if every and len(store.fresh_files()) >= every:   # the files of a killed large run: one read less
+        store.compact(int(PART_MB * (1 << 20)))
+        print_damaged(store)
+        line = compacted_line(store, "left by an earlier run")
+        if line:
+            print(line)
     statuses = store.statuses()
     print_damaged(store)
     if args.rerun == "all":
@@ -258,20 +302,34 @@ def run_locked(args, grid, cells, store) -> int:
                 with_dashboard = False
                 print(f"another local Ray holds {node_ip}:52365 (its dashboard agent): this run starts "
                       "without a dashboard, which would show that run's logs and metrics")
-        dashboard = start_ray(args.address, node_ip=node_ip, dashboard=with_dashboard)
+        from plugins.loader import ship_paths
+
+        dashboard = start_ray(args.address, node_ip=node_ip, dashboard=with_dashboard,
+                              py_modules=ship_paths(grid.plugin_specs))
         if dashboard:
             print(f"Ray dashboard: {dashboard}")
+        store.auto_compact(every or None)
         runner = Runner(todo, store, run_id=run_name, max_attempts=args.max_attempts,
                         cell_timeout=args.cell_timeout,
                         cache_bytes=0 if args.no_feature_cache else int(args.cache_gb * (1 << 30)),
                         workers=args.workers, overwrite=overwrite, progress=not args.quiet)
-        s = run_stoppable(runner)
+        try:
+            s = run_stoppable(runner)
+        finally:
+            store.auto_compact(None)
         if isinstance(s, int):
             return s
         print(f"finished in {s.wall_s:.1f}s on {s.workers} worker(s): ok {s.ok}, failed {s.failed}, "
               f"timeout {s.timeout}, retried {s.retried}"
               + (f", not written {s.not_written} (their cells already had a row)" if s.not_written else ""))
-    df = store.read()
+    # a run of `every` cells or more ends with no per-cell file left (smaller runs keep theirs)
+    if every and store.fresh_files() and len(set(statuses) | {c.cell_id for c in todo}) >= every:
+        store.compact(int(PART_MB * (1 << 20)))
+    line = compacted_line(store, "during the run")
+    if line:
+        print(line)
+    print_damaged(store)
+    df = store.read(columns=SUMMARY_COLUMNS)
     print_damaged(store)
     ids = {c.cell_id for c in cells}
     df = df[df["base_cell_id"].isin(ids)]
@@ -305,6 +363,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     from data import DATASETS
     from data.protocols import PROTOCOLS
     from methods import METHODS
+    from orchestrator.config import ConfigError, load_grid_plugins, load_plugins
+    from plugins.registry import BUILTIN
+
+    try:  # installed entry points, and with a grid its plugins: listed like the built-ins
+        load_grid_plugins(args.grid) if args.grid else load_plugins([], Path.cwd(), "installed plugins")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    def source(registry, name) -> str:
+        where = registry.source(name)
+        return "" if where == BUILTIN else f"  (plugin: {where})"
 
     def fields(model) -> str:
         parts = []
@@ -315,13 +385,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     print("methods:")
     for name, cls in sorted(METHODS.items()):
-        print(f"  {name}  protocols: {', '.join(sorted(cls.protocols))}" + (f"  [{cls.paper}]" if cls.paper else ""))
+        print(f"  {name}  protocols: {', '.join(sorted(cls.protocols))}" + (f"  [{cls.paper}]" if cls.paper else "")
+              + source(METHODS, name))
         if cls.reference:
             print(f"    reference code: {cls.reference}")
         print(fields(cls.Params))
     print("datasets:")
     for name, cls in sorted(DATASETS.items()):
-        print(f"  {name}")
+        print(f"  {name}" + source(DATASETS, name))
         print(fields(cls.Params))
     print("protocols:")
     for name, text in PROTOCOLS.items():
@@ -359,6 +430,52 @@ def cmd_report(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"report: {out}")
     return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    """Fold a run folder's per-cell row files into parts, under the run's lock (a driver running
+    the grid holds it: exit 2). Also finishes or undoes a compaction a kill interrupted."""
+    from orchestrator.lock import RunLock, RunLocked
+    from orchestrator.store import RowStore
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "rows").is_dir():
+        print(f"error: {run_dir} has no rows/ folder (expected RESULTS/RUN)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.part_mb > 0:
+        print("error: --part-mb must be positive", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {cannot_write(e, run_dir)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if lock.note:
+            print(f"note: {lock.note}")
+        store = RowStore(run_dir)
+        store.clean_temporaries()
+        done = store.compact(max(1, int(args.part_mb * (1 << 20))))
+        print_damaged(store)
+        for f in done.kept:
+            print(f"kept {f} as it is: it has columns outside the row schema")
+        print(compacted_line(store, "") or f"nothing to compact in {store.rows_dir}")
+        if done.dropped:
+            print(f"rewrote {len(done.dropped)} older part(s) without the cells a newer row file replaced")
+        return 0
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {cannot_write(e, run_dir / 'rows')}; nothing was lost: run the same command again "
+              "once there is space", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,15 +129,18 @@ def _loopback_node(ip: str):
 
 
 def start_ray(address: str | None = None, node_ip: str = DEFAULT_NODE_IP, num_cpus: int | None = None,
-              dashboard: bool = True, log_to_driver: bool = False, num_gpus: int | None = None) -> str | None:
+              dashboard: bool = True, log_to_driver: bool = False, py_modules: list[str] | None = None,
+              num_gpus: int | None = None) -> str | None:
     """Start a local Ray on a loopback node address, or connect to ``address`` (or the cluster a
     ``ray job submit`` driver runs in). Returns the dashboard URL where there is one.
 
     On the default node address 127.0.0.1 every socket of the local Ray listens on loopback alone
     (``_loopback_node``; tests/test_runner.py::test_a_local_run_listens_on_loopback_only); any other
     ``node_ip`` makes Ray's servers listen on every interface. Ray's token file is kept 0600
-    (``private_auth_token``). ``num_gpus`` sets a local Ray's logical GPU count (tests: Ray accounts
-    for GPUs it does not have; workers still run on CPU where CUDA is absent)."""
+    (``private_auth_token``). ``py_modules``: the grid's plugin files and packages
+    (``plugins.loader.ship_paths``), shipped to a cluster's workers with the job. ``num_gpus`` sets a
+    local Ray's logical GPU count (tests: Ray accounts for GPUs it does not have; workers still run
+    on CPU where CUDA is absent)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -151,6 +154,8 @@ def start_ray(address: str | None = None, node_ip: str = DEFAULT_NODE_IP, num_cp
             # workers on other nodes need this code: ship the repository as the working dir
             runtime_env = {"working_dir": repo,
                            "excludes": ["results/", ".git/", "**/__pycache__/", "reports/reproductions/"]}
+            if py_modules:
+                runtime_env["py_modules"] = list(py_modules)
         ctx = ray.init(address=address or None, runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
         private_auth_token(create=True)
