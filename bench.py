@@ -290,7 +290,7 @@ def run_locked(args, grid, cells, store) -> int:
           f" -> {store.rows_dir}")
     s = None
     if todo:
-        from orchestrator.runner import DEFAULT_NODE_IP, Runner, node_ip_free, start_ray
+        from orchestrator.runner import DEFAULT_NODE_IP, ClusterError, Runner, node_ip_free, start_ray
 
         node_ip = args.node_ip or DEFAULT_NODE_IP
         with_dashboard = True
@@ -315,12 +315,16 @@ def run_locked(args, grid, cells, store) -> int:
                         workers=args.workers, overwrite=overwrite, progress=not args.quiet)
         try:
             s = run_stoppable(runner)
+        except ClusterError as e:   # finished rows are kept; the message says what the cluster lacks
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_FAILED
         finally:
             store.auto_compact(None)
         if isinstance(s, int):
             return s
         print(f"finished in {s.wall_s:.1f}s on {s.workers} worker(s): ok {s.ok}, failed {s.failed}, "
               f"timeout {s.timeout}, retried {s.retried}"
+              + (f", re-queued from lost nodes {s.lost}" if s.lost else "")
               + (f", not written {s.not_written} (their cells already had a row)" if s.not_written else ""))
     # a run of `every` cells or more ends with no per-cell file left (smaller runs keep theirs)
     if every and store.fresh_files() and len(set(statuses) | {c.cell_id for c in todo}) >= every:

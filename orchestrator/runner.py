@@ -259,6 +259,11 @@ def place(rooms: list[Room], shape: Shape, node_id: str | None = None) -> bool:
     return False
 
 
+class ClusterError(RuntimeError):
+    """The cluster cannot run the grid (no node holds a shape, workers cannot start, no room left
+    after a node loss): ``bench.py`` prints it in one line; finished rows are kept."""
+
+
 @dataclass
 class Task:
     """A cell sent to a worker. ``started`` is when the worker could begin it: its dispatch, or,
@@ -419,7 +424,7 @@ class Runner:
             if not any(Room(r.node_id, r.address, r.cpu, list(r.gpus)).fits(shape) for r in self.nodes.values()):
                 methods = sorted({c.method for c in self.cells if self.shape_of[c.cell_id] == shape})
                 have = [f"cpu={r.cpu:g} gpu={len(r.gpus)}" for r in self.nodes.values()]
-                raise RuntimeError(f"no node of the cluster can hold a worker with {shape} (asked by "
+                raise ClusterError(f"no node of the cluster can hold a worker with {shape} (asked by "
                                    f"{', '.join(methods)}); its nodes have: {'; '.join(have) or 'none'}")
 
     # -- workers -------------------------------------------------------------------------
@@ -533,7 +538,7 @@ class Runner:
         try:  # wait for the first worker; the others get a minute more, then start in the loop
             refs = [s.booting for s in self.slots]
             if not ray.wait(refs, num_returns=1, timeout=STARTUP_S)[0]:
-                raise RuntimeError(f"no worker ({', '.join(sorted({str(s.shape) for s in self.slots}))}) could "
+                raise ClusterError(f"no worker ({', '.join(sorted({str(s.shape) for s in self.slots}))}) could "
                                    f"start within {STARTUP_S:.0f}s: the cluster has {ray.cluster_resources()}")
             ray.wait(refs, num_returns=len(refs), timeout=STARTUP_REST_S)
         except BaseException as e:  # Ctrl-C, SIGTERM, or workers that cannot start: none left pending
@@ -627,7 +632,7 @@ class Runner:
                                 give_back(slot)
                                 start_failures += 1
                                 if start_failures > 3 + len(self.slots):
-                                    raise RuntimeError(f"workers with {slot.shape} fail to start: "
+                                    raise ClusterError(f"workers with {slot.shape} fail to start: "
                                                        f"{type(e).__name__}: {str(e)[:1000]}") from None
                 # a worker whose shape has no cell waiting makes way for shapes that have some
                 waiting = {shape for shape, q in queues.items() if any(q.values())}
@@ -651,7 +656,7 @@ class Runner:
                 if waiting and not self.slots and not suspects:
                     no_room_since = no_room_since or time.perf_counter()
                     if time.perf_counter() - no_room_since > NO_ROOM_S:
-                        raise RuntimeError(
+                        raise ClusterError(
                             f"cells wait for workers with {', '.join(map(str, sorted(waiting)))} that no alive "
                             f"node can hold (for {NO_ROOM_S:.0f}s); finished rows are kept: run the same "
                             "command again once the cluster has room")

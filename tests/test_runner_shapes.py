@@ -133,3 +133,18 @@ def test_a_shape_no_node_can_hold_fails_before_any_worker(ray_local, tmp_path):
                                            r"\(asked by noop\); its nodes have: cpu=2 gpu=0"):
         run_shapes(tmp_path, grid)
     assert not list((tmp_path / "results" / "shapes" / "rows").glob("*.parquet"))
+
+
+def test_bench_says_in_one_line_that_no_node_can_hold_a_shape(ray_local, tmp_path, capsys):
+    """The same grid through bench.py: exit 1, one ``error:`` line naming the shape and the nodes,
+    no traceback, no row."""
+    import bench
+
+    grid = write_grid(tmp_path / "g.yaml", textwrap.dedent(GRID.replace("resources: {gpu: 1, cpu: 0.25}",
+                                                                        "resources: {gpu: 1, cpu: 3}")))
+    status = bench.main([str(grid), "--results", str(tmp_path / "results"), "--quiet", "--no-report"])
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert "error: no node of the cluster can hold a worker with gpu=0 cpu=3 (asked by noop)" in err, err
+    assert "Traceback" not in err
+    assert not list((tmp_path / "results" / "shapes" / "rows").glob("*.parquet"))
