@@ -19,8 +19,8 @@ from reports.compare import MIN_CHANGE, compare_runs
 from reports.cost import cost_table, run_summary
 from reports.document import Bullets, Code, Heading, Image, Paragraph, Table, html_page, markdown
 from reports.expected import EXPECTED_CSV, LOWER_IS_BETTER, OOD_GROUPS, load_expected
-from reports.rows import annotate, column_order, read_rows
-from reports.tables import failures, leaderboards, reproduction, row_distributions
+from reports.rows import REPORT_COLUMNS, SCORE_COLUMNS, annotate, column_order, read_rows
+from reports.tables import ColumnDistributions, column_distributions, failures, leaderboards, reproduction
 
 #: The rows' bootstrap distributions, kept beside rows/ so a rebuilt report resamples new rows only.
 BOOTSTRAP_CACHE = ".bootstrap-cache.npz"
@@ -80,18 +80,28 @@ def _publish(building: Path, folder: Path) -> None:
 
 def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expected: pd.DataFrame, expected_path,
                   extra_expected: tuple, n_resamples: int, min_change: float) -> None:
-    rows = annotate(read_rows(run_dir))
+    rows = annotate(read_rows(run_dir, report_columns(n_resamples)))
+    rows["sample_maps"] = gallery_maps(rows)  # the few the gallery draws; the others freed now
     cache = DistributionCache(run_dir / BOOTSTRAP_CACHE)
-    if compare is not None:
-        cache.include(Path(compare) / BOOTSTRAP_CACHE)
-    boards = leaderboards(rows, expected, tolerance, row_distributions(rows, n_resamples, cache))
-    tables = {"leaderboard": boards, "reproduction": reproduction(boards, expected),
-              "failures": failures(rows), "cost": cost_table(rows, boards)}
-    if compare is not None:
-        other = annotate(read_rows(compare))
-        tables["compare"], tables["compare_status"] = compare_runs(rows, other, tolerance, n_resamples, min_change,
-                                                                   cache)
-    cache.save()
+    try:
+        if compare is not None:
+            cache.include(Path(compare) / BOOTSTRAP_CACHE)
+        dists = column_distributions(rows, n_resamples, cache) if n_resamples > 0 else ColumnDistributions()
+        if compare is None:  # the scores are done with: free them before the tables
+            rows = rows.drop(columns=[c for c in SCORE_COLUMNS if c in rows])
+        boards = leaderboards(rows, expected, tolerance, dists)
+        del dists
+        tables = {"leaderboard": boards, "reproduction": reproduction(boards, expected),
+                  "failures": failures(rows), "cost": cost_table(rows, boards)}
+        if compare is not None:
+            other = annotate(read_rows(compare, [c for c in report_columns(n_resamples) if c != "sample_maps"]))
+            tables["compare"], tables["compare_status"] = compare_runs(rows, other, tolerance, n_resamples,
+                                                                       min_change, cache)
+            del other
+            rows = rows.drop(columns=[c for c in SCORE_COLUMNS if c in rows])
+        cache.save()
+    finally:
+        cache.close()
     for name, table in tables.items():
         table.to_parquet(folder / f"{name}.parquet", index=False)
     figures = make_plots(rows, tables, tolerance, folder)
@@ -104,26 +114,49 @@ def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expect
                                         encoding="utf-8")
 
 
+def report_columns(n_resamples: int = N_RESAMPLES) -> list[str]:
+    """The row columns a report reads: REPORT_COLUMNS, the sample maps (gallery) and, when it
+    draws bootstrap intervals, the labels and scores; never tracebacks, loss curves, versions."""
+    return [*REPORT_COLUMNS, "sample_maps", *(SCORE_COLUMNS if n_resamples > 0 else [])]
+
+
 # ---------------------------------------------------------------- plots
 
 def slug(*parts) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", "_".join(str(p) for p in parts)).strip("_").lower()
 
 
-def gallery_items(rows: pd.DataFrame) -> list[tuple[str, dict]]:
-    """A few rows with sample maps: up to GALLERY_CLASSES classes per method, lowest seed first."""
+def gallery_picks(rows: pd.DataFrame) -> list[tuple[str, str, object]]:
+    """(variant, column, row index) of the rows a gallery draws from: per method, up to
+    GALLERY_CLASSES classes with sample maps, the lowest seed of each."""
     with_maps = rows[(rows["status"] == "ok") & rows["sample_maps"].notna()]
-    items = []
+    picks = []
     for variant, g in with_maps.groupby("variant", sort=True):
         dataset = g["dataset"].iloc[0]
         for column in column_order(dataset, g["column"])[:GALLERY_CLASSES]:
-            row = g[g["column"] == column].sort_values("seed").iloc[0]
-            try:
-                samples = plots.decode_samples(row["sample_maps"])
-            except (ValueError, OSError, KeyError):
-                continue
-            if len(samples.get("labels", [])):
-                items.append((f"{variant}\n{column} (seed {row['seed']})", samples))
+            picks.append((variant, column, g[g["column"] == column].sort_values("seed").index[0]))
+    return picks
+
+
+def gallery_maps(rows: pd.DataFrame) -> pd.Series:
+    """``rows``' sample maps with those no gallery draws set to None (a run's maps can be GBs)."""
+    if "sample_maps" not in rows or rows.empty:
+        return pd.Series([None] * len(rows), index=rows.index, dtype=object)
+    keep = {index for key, g in rows.groupby(["board", "protocol"], sort=True) for _, _, index in gallery_picks(g)}
+    return rows["sample_maps"].where(rows.index.isin(list(keep)), None)
+
+
+def gallery_items(rows: pd.DataFrame) -> list[tuple[str, dict]]:
+    """A few rows with sample maps: up to GALLERY_CLASSES classes per method, lowest seed first."""
+    items = []
+    for variant, column, index in gallery_picks(rows):
+        row = rows.loc[index]
+        try:
+            samples = plots.decode_samples(row["sample_maps"])
+        except (ValueError, OSError, KeyError):
+            continue
+        if len(samples.get("labels", [])):
+            items.append((f"{variant}\n{column} (seed {row['seed']})", samples))
     return items[:GALLERY_ROWS]
 
 
