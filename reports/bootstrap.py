@@ -260,8 +260,8 @@ class DistributionCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.archives: list = []
-        # key -> {metric: (archive, member)} of the entries on disk (this file's, then include()'s)
-        self.stored: dict[str, dict[str, tuple]] = self._index(self.path)
+        # key -> (archive, member, metrics) of the entries on disk (this file's, then include()'s)
+        self.stored: dict[str, tuple] = self._index(self.path)
         self.saved = set(self.stored)  # the keys this cache's own file holds
         self.used: set[str] = set()
         self.written: set[str] = set()  # keys already in the partial file
@@ -269,18 +269,18 @@ class DistributionCache:
         self.writer: zipfile.ZipFile | None = None
         self.misses = 0
 
-    def _index(self, path: Path) -> dict[str, dict[str, tuple]]:
-        entries: dict[str, dict[str, tuple]] = {}
+    def _index(self, path: Path) -> dict[str, tuple]:
+        entries: dict[str, tuple] = {}
         try:
             archive = zipfile.ZipFile(path)
         except Exception:  # absent, truncated, not a zip: only time is lost
             return {}  # every row is resampled and the file rewritten
         self.archives.append(archive)
-        for member in archive.namelist():
+        for member in archive.namelist():  # KEY/METRIC,METRIC,....npy: a row's metrics x resamples
             name = member[:-4] if member.endswith(".npy") else member
             if "/" in name:
-                key, metric = name.split("/", 1)
-                entries.setdefault(key, {})[metric] = (archive, member)
+                key, metrics = name.split("/", 1)
+                entries[key] = (archive, member, tuple(metrics.split(",")))
         return entries
 
     def include(self, path: str | Path) -> None:
@@ -298,18 +298,21 @@ class DistributionCache:
         return h.hexdigest()[:32]
 
     @staticmethod
-    def _load(where: tuple) -> np.ndarray:
-        archive, member = where
+    def _load(where: tuple) -> dict[str, np.ndarray]:
+        archive, member, metrics = where
         with archive.open(member) as f:
-            return np.lib.format.read_array(f, allow_pickle=False)
+            values = np.lib.format.read_array(f, allow_pickle=False)
+        if values.ndim != 2 or values.shape[0] != len(metrics):
+            raise ValueError(f"{member}: shape {values.shape} for {len(metrics)} metrics")
+        return dict(zip(metrics, values))
 
     def get(self, key: str, metrics) -> dict[str, np.ndarray] | None:
         found = self.stored.get(key)
-        if found is None or any(m not in found for m in metrics):
+        if found is None or any(m not in found[2] for m in metrics):
             self.misses += 1
             return None
         try:
-            values = {m: self._load(where) for m, where in found.items()}
+            values = self._load(found)
         except Exception:  # a damaged entry: resampled (and rewritten) like a missing one
             self.stored.pop(key, None)
             self.misses += 1
@@ -326,21 +329,21 @@ class DistributionCache:
         try:
             if self.writer is None:
                 self.writer = zipfile.ZipFile(self.partial, "w", zipfile.ZIP_STORED, allowZip64=True)
-            for m, v in distributions.items():
-                write_member(self.writer, f"{key}/{m}.npy", v)
+            metrics = tuple(distributions)
+            member = f"{key}/{','.join(metrics)}.npy"
+            write_member(self.writer, member, np.stack([distributions[m] for m in metrics]))
         except BaseException:  # a full disk, Ctrl-C, SIGTERM: the old file stays, no partial one
             self.close()
             raise
         self.written.add(key)
-        # later lookups in this build read it back from the partial file
-        self.stored[key] = {m: (self.writer, f"{key}/{m}.npy") for m in distributions}
+        self.stored[key] = (self.writer, member, metrics)  # later lookups in this build read it back
 
     def save(self) -> None:
         if self.misses == 0 and self.used == self.saved and self.writer is None:
             return  # nothing new, nothing dropped (entries only included from another file are not kept)
         try:
             for key in sorted(self.used - self.written):  # the old entries this build used
-                self._write(key, {m: self._load(where) for m, where in self.stored[key].items()})
+                self._write(key, self._load(self.stored[key]))
             if self.writer is None:  # nothing used at all: an empty cache file
                 self.writer = zipfile.ZipFile(self.partial, "w", zipfile.ZIP_STORED, allowZip64=True)
             self.writer.close()
@@ -370,7 +373,7 @@ class DistributionCache:
 
 
 def write_member(archive: zipfile.ZipFile, name: str, value: np.ndarray) -> None:
-    """One array as an ``.npy`` member, as ``np.savez`` writes it (readable by ``np.load``)."""
+    """One array as an ``.npy`` member, as ``np.savez`` writes it (the file reads with ``np.load``)."""
     with archive.open(name, "w", force_zip64=True) as f:
         np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
 

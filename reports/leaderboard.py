@@ -31,6 +31,9 @@ TABLES = ("leaderboard", "reproduction", "failures", "cost", "compare", "compare
 PLOT_PATTERNS = ("bars_*.png", "cost_*.png", "expected_vs_measured.png", "gallery_*.png")
 GALLERY_CLASSES = 3   # per method
 GALLERY_ROWS = 8      # per board
+#: A table listing rows (failed cells, compared cells) shows at most this many; the rest are
+#: counted, summarised and in the table's Parquet file.
+MAX_TABLE_ROWS = 200
 MARKS = {"reproduced": "✓", "below": "▼", "above": "▲", "setting differs": "≠", "no reference": ""}
 PANDAS_LINES = ('import pandas as pd\n'
                 'rows = pd.read_parquet("{run}/rows")\n'
@@ -393,13 +396,30 @@ def failure_blocks(table: pd.DataFrame) -> list:
     blocks = [Heading("Failed and timed-out cells")]
     if table.empty:
         return blocks + [Paragraph("None: every cell finished ok.")]
+    shown = table.head(MAX_TABLE_ROWS)
     rows = [[r["variant"], r["board"], r["protocol"], str(r["column"]), str(r["seed"]), r["status"],
              str(r["attempt"]) if pd.notna(r["attempt"]) else "—", str(r["error"] or "")[:300], r["cell_id"]]
-            for r in table.to_dict("records")]
+            for r in shown.to_dict("records")]
     styles = [["", "", "", "", "", r[5], "", "", ""] for r in rows]
-    return blocks + [Paragraph(f"{len(table)} rows; none of them enters a mean (full tracebacks in the rows)."),
-                     Table(["method", "dataset", "protocol", "class", "seed", "status", "attempt", "error",
+    blocks.append(Paragraph(f"{len(table)} rows; none of them enters a mean (full tracebacks in the rows)."))
+    if len(table) > MAX_TABLE_ROWS:
+        blocks += [Paragraph(f"Too many to list: per method, dataset and error (the error's first line), "
+                             f"then the first {MAX_TABLE_ROWS} of the {len(table)} rows; every row is in "
+                             "failures.parquet."),
+                   error_summary(table)]
+    return blocks + [Table(["method", "dataset", "protocol", "class", "seed", "status", "attempt", "error",
                             "cell"], rows, "failures", styles)]
+
+
+def error_summary(table: pd.DataFrame) -> Table:
+    """Failed rows counted per (method, dataset, protocol, status, error's first line), most first."""
+    first_line = table["error"].map(lambda e: str(e).splitlines()[0][:200] if isinstance(e, str) and e else "")
+    counts = (table.assign(first=first_line).groupby(["variant", "board", "protocol", "status", "first"], sort=True)
+              .size().reset_index(name="rows").sort_values("rows", ascending=False, kind="stable"))
+    rows = [[r["variant"], r["board"], r["protocol"], r["status"], str(r["rows"]), r["first"]]
+            for r in counts.head(MAX_TABLE_ROWS).to_dict("records")]
+    return Table(["method", "dataset", "protocol", "status", "rows", "error"], rows, "failures-summary",
+                 numeric={4})
 
 
 def cost_blocks(table: pd.DataFrame, figures: dict, summary: dict) -> list:
@@ -454,9 +474,9 @@ def compare_blocks(tables: dict, context: dict) -> list:
         if len(shown):
             rows = [[r["variant"], r["board"], str(r["column"]), str(r["seed"]), r["metric"], pts(r["this"]),
                      pts(r["other"]), pts(r["change"], True), interval(r["ci_low"], r["ci_high"]),
-                     "yes" if r["flagged"] else "no", r["cell_id"]] for r in shown.to_dict("records")]
+                     "yes" if r["flagged"] else "no", r["cell_id"]] for r in shown.head(MAX_TABLE_ROWS).to_dict("records")]
             styles = [[""] * 9 + ["flagged" if r[9] == "yes" else "", ""] for r in rows]
-            blocks += [Paragraph("Cells flagged or beyond the tolerance:"),
+            blocks += [Paragraph("Cells flagged or beyond the tolerance" + _first_of(len(shown), "compare") + ":"),
                        Table(["method", "dataset", "class", "seed", "metric", "this", other, "Δ",
                               f"{LEVEL:.0%} CI of Δ", "flagged", "cell"], rows, "compare-flagged", styles,
                              numeric={5, 6, 7, 8})]
@@ -464,10 +484,15 @@ def compare_blocks(tables: dict, context: dict) -> list:
             blocks.append(Paragraph("No cell changed beyond its interval or the tolerance."))
     if len(statuses):
         rows = [[r["variant"], r["board"], str(r["column"]), str(r["seed"]), r["this_status"], r["other_status"],
-                 str(r["error"] or "")[:200]] for r in statuses.to_dict("records")]
-        blocks += [Paragraph("Cells whose status differs:"),
+                 str(r["error"] or "")[:200]] for r in statuses.head(MAX_TABLE_ROWS).to_dict("records")]
+        blocks += [Paragraph("Cells whose status differs" + _first_of(len(statuses), "compare_status") + ":"),
                    Table(["method", "dataset", "class", "seed", "this", other, "error"], rows, "compare-status")]
     return blocks
+
+
+def _first_of(total: int, table: str) -> str:
+    """'' when a listing is whole, else the note that it shows the first MAX_TABLE_ROWS."""
+    return "" if total <= MAX_TABLE_ROWS else f" (the first {MAX_TABLE_ROWS} of {total}; all in {table}.parquet)"
 
 
 def report_blocks(tables: dict, figures: dict, context: dict) -> list:
