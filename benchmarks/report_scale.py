@@ -14,13 +14,16 @@ and prints each wall time and peak RSS with the ratio to the baseline measured i
 
     python benchmarks/report_scale.py [--rows 10000] [--large] [--keep DIR] [--run DIR]
 
-``--large`` is ``--rows 100000``; ``--run DIR`` reuses a run written before (by ``--keep``).
+``--large`` is ``--rows 100000``; ``--run DIR`` reuses a run written before (by ``--keep``);
+``--rows-per-file 1000`` lays the rows out as a compacting store would (reading 100,000 one-row
+files costs RowStore ~50 KB of Arrow objects a file, whatever the report does with them);
+``--against DIR`` also times another checkout's report (main's: the figures before a change).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -81,8 +84,9 @@ def synthetic_rows(n_rows: int, methods=METHODS, failed_every: int = 500, start:
     return rows
 
 
-def write_run(run: Path, n_rows: int, methods=METHODS) -> Path:
-    """A synthetic run of ``n_rows`` rows, one file per cell, as RowStore lays them out."""
+def write_run(run: Path, n_rows: int, methods=METHODS, rows_per_file: int = 1) -> Path:
+    """A synthetic run of ``n_rows`` rows, one file per cell as RowStore lays them out, or
+    ``rows_per_file`` rows a file (as a store that compacts its files would read them)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -92,8 +96,8 @@ def write_run(run: Path, n_rows: int, methods=METHODS) -> Path:
     for start in range(0, n_rows, CHUNK):
         rows = synthetic_rows(min(CHUNK, n_rows - start), methods, start=start)
         table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)
-        for i, r in enumerate(rows):
-            pq.write_table(table.slice(i, 1), store.path(r["cell_id"]))
+        for i in range(0, len(rows), rows_per_file):
+            pq.write_table(table.slice(i, rows_per_file), store.path(rows[i]["cell_id"]))
     return run
 
 
@@ -103,14 +107,22 @@ STEPS = {
 }
 
 
-def measure(step: str, run: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of one step in a fresh interpreter."""
-    code = (f"import sys, time, resource; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
-            f"run = Path({str(run)!r}); t0 = time.perf_counter(); {STEPS[step]}; "
-            "print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
-    wall, rss_kib = out.stdout.split()[-2:]
-    return float(wall), int(rss_kib) / 2**20
+def measure(step: str, run: Path, root: Path = ROOT) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS GiB) of one step in a fresh interpreter, with the code
+    of checkout ``root``. CPU time says what the wall time means on a machine others load too."""
+    code = (f"import sys, time, resource; sys.path.insert(0, {str(root)!r}); from pathlib import Path; "
+            f"run = Path({str(run)!r}); t0 = time.perf_counter(); c0 = time.process_time(); {STEPS[step]}; "
+            "print(time.perf_counter() - t0, time.process_time() - c0, "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=root)
+    wall, cpu, rss_kib = out.stdout.split()[-3:]
+    return float(wall), float(cpu), int(rss_kib) / 2**20
+
+
+def n_rows(run: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in (run / "rows").glob("*.parquet"))
 
 
 def main() -> int:
@@ -118,8 +130,11 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=10_000)
     p.add_argument("--large", action="store_true", help="100,000 rows")
     p.add_argument("--keep", help="write the synthetic run to this folder and keep it")
+    p.add_argument("--rows-per-file", type=int, default=1,
+                   help="rows a file (1: one file per cell, as RowStore writes; more: a compacted store)")
     p.add_argument("--run", help="a synthetic run written before (its rows/ folder is reused)")
     p.add_argument("--no-rebuild", action="store_true", help="skip the rebuilt (cached) report")
+    p.add_argument("--against", help="another checkout (e.g. main's): its cold report of the same rows too")
     args = p.parse_args()
     n = 100_000 if args.large else args.rows
     tmp = None
@@ -132,19 +147,25 @@ def main() -> int:
         if run.exists() and any(run.iterdir()):
             raise SystemExit(f"--keep {run}: not empty")
         t0 = time.perf_counter()
-        write_run(run, n)
+        write_run(run, n, rows_per_file=args.rows_per_file)
         print(f"wrote {n} rows to {run} in {time.perf_counter() - t0:.0f} s", flush=True)
     try:
         files = len(list((run / "rows").glob("*.parquet")))
+        for stale in (run / "report", run / ".bootstrap-cache.npz"):  # a reused run: start cold
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         results = [("read every column", *measure("read", run))]
+        if args.against:
+            results.append((f"report, {Path(args.against).name}'s code", *measure("report", run, Path(args.against))))
+            for stale in (run / "report", run / ".bootstrap-cache.npz"):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         results.append(("report (cold, no cache)", *measure("report", run)))
         if not args.no_rebuild:
             results.append(("report (rebuilt, cached)", *measure("report", run)))
         base = results[0][1]
-        print(f"report of {files} row files ({run})")
-        print(f"{'step':<28} {'wall s':>8} {'vs read':>8} {'peak RSS GiB':>13}")
-        for name, wall, rss in results:
-            print(f"{name:<28} {wall:8.1f} {wall / base:8.2f} {rss:13.2f}")
+        print(f"report of {n_rows(run)} rows in {files} files ({run}); machine load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(f"{'step':<30} {'wall s':>8} {'vs read':>8} {'CPU s':>8} {'peak RSS GiB':>13}")
+        for name, wall, cpu, rss in results:
+            print(f"{name:<30} {wall:8.1f} {wall / base:8.2f} {cpu:8.1f} {rss:13.2f}")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
