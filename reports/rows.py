@@ -22,7 +22,8 @@ MEAN_COLUMN = "mean"
 REPORT_COLUMNS = ["run_id", "cell_id", "base_cell_id", "method", "params", "dataset", "dataset_params", "protocol",
                   "normal_class", "category", "ood_set", "seed", "resolved_params", "status", "error", "attempt",
                   *METRICS, "metric_variants", "fit_s", "score_s", "total_s", "peak_rss_bytes", "peak_gpu_bytes",
-                  "feature_cache_hit", "started_at", "finished_at", "hostname", "device", "gpu_name", "git_sha"]
+                  "feature_cache_hit", "started_at", "finished_at", "hostname", "device", "gpu_name", "git_sha",
+                  "method_source"]
 SCORE_COLUMNS = ["labels", "image_scores"]
 
 
