@@ -36,6 +36,10 @@ class Cell:
     ood: tuple = ()
     ood_params: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)
+    outlier_exposure: dict = field(default_factory=dict)  # {name, **params} of the entry's OE set
+    # the grid's plugins (plugins.loader.PluginSpec dicts): a worker loads them before the cell; not
+    # part of the identity (a method's source is recorded in its rows, ``method_source``)
+    plugins: tuple = ()
 
     @property
     def identity(self) -> dict:
@@ -51,6 +55,8 @@ class Cell:
         ood_content = {name: params for name, params in ood_content.items() if params}
         if ood_content:   # an OOD image list or resize rule changes what the cell measures
             ident["ood_params"] = ood_content
+        if self.outlier_exposure:   # only when set: cells of grids without it keep their ids
+            ident["outlier_exposure"] = {k: v for k, v in self.outlier_exposure.items() if k not in LOCATION_PARAMS}
         return ident
 
     @property
@@ -78,6 +84,7 @@ class Cell:
         d = dict(self.__dict__)
         d["normal_class"] = list(self.normal_class) if isinstance(self.normal_class, tuple) else self.normal_class
         d["ood"] = list(self.ood)
+        d["plugins"] = [p.to_dict() if hasattr(p, "to_dict") else dict(p) for p in self.plugins]
         return d
 
     @classmethod
@@ -86,6 +93,7 @@ class Cell:
         if isinstance(d["normal_class"], list):
             d["normal_class"] = tuple(d["normal_class"])
         d["ood"] = tuple(d.get("ood", ()))
+        d["plugins"] = tuple(d.get("plugins", ()))
         return cls(**d)
 
     def describe(self) -> str:
@@ -156,6 +164,7 @@ def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expans
     cells: list[Cell] = []
     dropped: list[tuple[str, str]] = []
     seen: set[str] = set()
+    plugins = tuple(spec.to_dict() for spec in grid.plugin_specs)
     for d in grid.datasets:
         if d.protocol in ("unified", "ood") and d.classes == "all":
             normal_classes = ["all"]
@@ -175,7 +184,8 @@ def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expans
                         cell = Cell(method=m.name, params=resolved, dataset=d.name,
                                     dataset_params=d.params, protocol=d.protocol,
                                     normal_class=normal_class, seed=seed, ood=tuple(d.ood),
-                                    ood_params=d.ood_params, resources=m.resources.model_dump())
+                                    ood_params=d.ood_params, resources=m.resources.model_dump(),
+                                    outlier_exposure=d.outlier_exposure_spec, plugins=plugins)
                         if not _selected(cell, only) or cell.cell_id in seen:
                             continue
                         if any(_matches(rule, cell) for rule in grid.exclude):
