@@ -39,12 +39,16 @@ def recorded_reads(monkeypatch) -> list[list[str] | None]:
 def test_a_report_reads_only_the_columns_it_uses(tmp_path, monkeypatch):
     from reports.leaderboard import build_report
 
-    run = write_rows(tmp_path / "run", main_run_rows())
+    rows = main_run_rows()
+    for i, r in enumerate(rows):  # the provenance section needs method_source
+        r["method_source"] = "builtin" if r["method"] != "noop" else f"file:noop.py@sha256:{i % 2:064d}"
+    run = write_rows(tmp_path / "run", rows)
     calls = recorded_reads(monkeypatch)
     report = build_report(run, n_resamples=200)
     assert len(calls) == 1 and calls[0] is not None
     read = set(calls[0])
-    assert {"labels", "image_scores", "sample_maps", "status", "image_auroc", "cell_id"} <= read
+    assert {"labels", "image_scores", "sample_maps", "status", "image_auroc", "cell_id", "method_source"} <= read
+    assert "warning: method noop: its rows come from 2 different sources" in (report / "report.md").read_text()
     assert not read & {"traceback", "loss_curve", "versions", "weights_sha256", "node_id"}
     board = pd.read_parquet(report / "leaderboard.parquet")
     assert board.loc[board["metric"] == "image_auroc", "ci_low"].notna().any()
