@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,35 +245,48 @@ class DistributionCache:
     Rows never change once written, so a report rebuilt after a resumed or extended run resamples
     only the new rows. An entry's key hashes everything its values depend on: the labels, the
     scores, the metrics, the resample count, the row's seed and this module's source (a change to
-    the resampling invalidates every entry). A missing, truncated or corrupt file is an empty cache;
-    ``save`` keeps only the entries used by this build and replaces the file atomically.
+    the resampling invalidates every entry). A missing, truncated or corrupt file is an empty cache
+    (a corrupt entry: that row is resampled); ``save`` keeps only the entries used by this build and
+    replaces the file atomically.
+
+    Memory stays flat however many rows a run has (100,000 rows are ~5 GB of distributions): the
+    file is read an entry at a time when looked up, and a new entry is written at once to the
+    partial file that ``save`` completes (with the used old entries) and renames; ``close`` removes
+    a partial file a failed build left.
     """
 
     CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.stored: dict[str, dict[str, np.ndarray]] = self._read(self.path)
-        self.used: dict[str, dict[str, np.ndarray]] = {}
+        self.archives: list = []
+        # key -> (archive, member, metrics) of the entries on disk (this file's, then include()'s)
+        self.stored: dict[str, tuple] = self._index(self.path)
         self.saved = set(self.stored)  # the keys this cache's own file holds
+        self.used: set[str] = set()
+        self.written: set[str] = set()  # keys already in the partial file
+        self.partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        self.writer: zipfile.ZipFile | None = None
         self.misses = 0
 
-    @staticmethod
-    def _read(path: Path) -> dict[str, dict[str, np.ndarray]]:
-        entries: dict[str, dict[str, np.ndarray]] = {}
+    def _index(self, path: Path) -> dict[str, tuple]:
+        entries: dict[str, tuple] = {}
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                for name in archive.files:
-                    key, metric = name.split("/", 1)
-                    entries.setdefault(key, {})[metric] = archive[name]
-        except Exception:  # absent, truncated, not an npz, a bad member: only time is lost
+            archive = zipfile.ZipFile(path)
+        except Exception:  # absent, truncated, not a zip: only time is lost
             return {}  # every row is resampled and the file rewritten
+        self.archives.append(archive)
+        for member in archive.namelist():  # KEY/METRIC,METRIC,....npy: a row's metrics x resamples
+            name = member[:-4] if member.endswith(".npy") else member
+            if "/" in name:
+                key, metrics = name.split("/", 1)
+                entries[key] = (archive, member, tuple(metrics.split(",")))
         return entries
 
     def include(self, path: str | Path) -> None:
         """Also look up entries in another run's cache file (``--compare``'s run), never writing
         it; those this build uses are saved in this cache's own file."""
-        for key, found in self._read(Path(path)).items():
+        for key, found in self._index(Path(path)).items():
             self.stored.setdefault(key, found)
 
     @classmethod
@@ -283,29 +297,85 @@ class DistributionCache:
         h.update(f"{','.join(metrics)}|{n_resamples}|{seed}".encode())
         return h.hexdigest()[:32]
 
+    @staticmethod
+    def _load(where: tuple) -> dict[str, np.ndarray]:
+        archive, member, metrics = where
+        with archive.open(member) as f:
+            values = np.lib.format.read_array(f, allow_pickle=False)
+        if values.ndim != 2 or values.shape[0] != len(metrics):
+            raise ValueError(f"{member}: shape {values.shape} for {len(metrics)} metrics")
+        return dict(zip(metrics, values))
+
     def get(self, key: str, metrics) -> dict[str, np.ndarray] | None:
         found = self.stored.get(key)
-        if found is None or any(m not in found for m in metrics):
+        if found is None or any(m not in found[2] for m in metrics):
             self.misses += 1
             return None
-        self.used[key] = found
-        return found
+        try:
+            values = self._load(found)
+        except Exception:  # a damaged entry: resampled (and rewritten) like a missing one
+            self.stored.pop(key, None)
+            self.misses += 1
+            return None
+        self.used.add(key)
+        return values
 
     def put(self, key: str, distributions: dict[str, np.ndarray]) -> None:
-        self.stored[key] = self.used[key] = distributions  # a later lookup in this build finds it
+        """Record a new entry: written now to the partial file (kept out of memory)."""
+        self._write(key, distributions)
+        self.used.add(key)
+
+    def _write(self, key: str, distributions: dict[str, np.ndarray]) -> None:
+        try:
+            if self.writer is None:
+                self.writer = zipfile.ZipFile(self.partial, "w", zipfile.ZIP_STORED, allowZip64=True)
+            metrics = tuple(distributions)
+            member = f"{key}/{','.join(metrics)}.npy"
+            write_member(self.writer, member, np.stack([distributions[m] for m in metrics]))
+        except BaseException:  # a full disk, Ctrl-C, SIGTERM: the old file stays, no partial one
+            self.close()
+            raise
+        self.written.add(key)
+        self.stored[key] = (self.writer, member, metrics)  # later lookups in this build read it back
 
     def save(self) -> None:
-        if self.misses == 0 and set(self.used) == self.saved:
+        if self.misses == 0 and self.used == self.saved and self.writer is None:
             return  # nothing new, nothing dropped (entries only included from another file are not kept)
-        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         try:
-            with open(partial, "wb") as f:
-                np.savez(f, **{f"{key}/{m}": v for key, d in self.used.items() for m, v in d.items()})
-            os.replace(partial, self.path)
-            self.saved, self.misses = set(self.used), 0
+            for key in sorted(self.used - self.written):  # the old entries this build used
+                self._write(key, self._load(self.stored[key]))
+            if self.writer is None:  # nothing used at all: an empty cache file
+                self.writer = zipfile.ZipFile(self.partial, "w", zipfile.ZIP_STORED, allowZip64=True)
+            self.writer.close()
+            self.writer = None
+            os.replace(self.partial, self.path)
+            for archive in self.archives:
+                archive.close()
+            self.archives, self.written, self.misses = [], set(), 0
+            self.stored = self._index(self.path)  # entries now read from the saved file
+            self.saved = set(self.stored)
         except BaseException:  # a full disk, Ctrl-C, SIGTERM: the old file stays, no partial one
-            partial.unlink(missing_ok=True)
+            self.close()
             raise
+
+    def close(self) -> None:
+        """Close the files; a partial file not saved is removed (the old cache file stays)."""
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception:
+                pass
+            self.writer = None
+        self.partial.unlink(missing_ok=True)
+        for archive in self.archives:
+            archive.close()
+        self.archives = []
+
+
+def write_member(archive: zipfile.ZipFile, name: str, value: np.ndarray) -> None:
+    """One array as an ``.npy`` member, as ``np.savez`` writes it (the file reads with ``np.load``)."""
+    with archive.open(name, "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
 
 
 def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:

@@ -20,6 +20,7 @@ from reports.rows import as_array, present_metrics
 from reports.tables import row_distributions
 
 MIN_CHANGE = 0.001
+CHUNK = 1024  # this run's rows compared at a time (their and the other run's distributions held)
 COMPARE_COLUMNS = ["cell_id", "variant", "board", "protocol", "column", "seed", "metric", "this", "other",
                    "change", "ci_low", "ci_high", "flagged", "beyond_tolerance", "paired", "note"]
 STATUS_COLUMNS = ["cell_id", "variant", "board", "column", "seed", "this_status", "other_status", "error"]
@@ -55,13 +56,33 @@ def compare_runs(this: pd.DataFrame, other: pd.DataFrame, tolerance: float = 1.0
                  cache: DistributionCache | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(changes per shared ok cell and metric, cells whose status differs between the runs); with
     a ``cache``, rows resampled before (for either run's report) are not resampled again."""
-    other_by_id = {r["cell_id"]: r for r in other.to_dict("records")}
+    other = other.reset_index(drop=True)
+    other_at = {cell_id: i for i, cell_id in enumerate(other["cell_id"])}
     ok_in_both = set(this.loc[this["status"] == "ok", "cell_id"]) & set(other.loc[other["status"] == "ok", "cell_id"])
-    this_dists = row_distributions(this[this["cell_id"].isin(ok_in_both)], n_resamples, cache)
-    other_dists = row_distributions(other[other["cell_id"].isin(ok_in_both)], n_resamples, cache)
     changes, statuses = [], []
     metrics_here = present_metrics(this)
-    for a in this.to_dict("records"):
+    for start in range(0, len(this), CHUNK):  # a chunk's distributions at a time: memory stays flat
+        part = this.iloc[start:start + CHUNK]
+        positions = [other_at[c] for c in part["cell_id"] if c in other_at]
+        if not positions:
+            continue
+        theirs = other.iloc[positions]
+        this_dists = row_distributions(part[part["cell_id"].isin(ok_in_both)], n_resamples, cache)
+        other_dists = row_distributions(theirs[theirs["cell_id"].isin(ok_in_both)], n_resamples, cache)
+        other_by_id = {r["cell_id"]: r for r in theirs.to_dict("records")}
+        _compare_part(part, other_by_id, this_dists, other_dists, metrics_here, tolerance, n_resamples,
+                      min_change, changes, statuses)
+    table = pd.DataFrame(changes, columns=COMPARE_COLUMNS)
+    if len(table):
+        table = table.sort_values(["flagged", "board", "variant", "column", "seed", "metric"],
+                                  ascending=[False, True, True, True, True, True]).reset_index(drop=True)
+    return table, pd.DataFrame(statuses, columns=STATUS_COLUMNS)
+
+
+def _compare_part(part, other_by_id, this_dists, other_dists, metrics_here, tolerance, n_resamples, min_change,
+                  changes: list, statuses: list) -> None:
+    """compare_runs on one chunk of this run's rows: appends to ``changes`` and ``statuses``."""
+    for a in part.to_dict("records"):
         b = other_by_id.get(a["cell_id"])
         if b is None:
             continue
@@ -87,8 +108,3 @@ def compare_runs(this: pd.DataFrame, other: pd.DataFrame, tolerance: float = 1.0
                             "other": float(b[m]), "change": change, "ci_low": low, "ci_high": high,
                             "flagged": bool(flagged), "beyond_tolerance": abs(change) > tolerance / 100.0 + 1e-9,
                             "paired": paired if interval else None, "note": note})
-    table = pd.DataFrame(changes, columns=COMPARE_COLUMNS)
-    if len(table):
-        table = table.sort_values(["flagged", "board", "variant", "column", "seed", "metric"],
-                                  ascending=[False, True, True, True, True, True]).reset_index(drop=True)
-    return table, pd.DataFrame(statuses, columns=STATUS_COLUMNS)

@@ -90,14 +90,17 @@ def run_summary(rows: pd.DataFrame) -> dict:
     started = pd.to_datetime(rows["started_at"], utc=True).min() if len(rows) else pd.NaT
     finished = pd.to_datetime(rows["finished_at"], utc=True).max() if len(rows) else pd.NaT
     wall = (finished - started).total_seconds() if pd.notna(started) and pd.notna(finished) else float("nan")
-    statuses = rows.groupby("base_cell_id")["status"].agg(
-        lambda s: "ok" if (s == "ok").all() else next(x for x in s if x != "ok")) if len(rows) else pd.Series(dtype=str)
+    # a cell's status: ok when every row is, else its first other row's (one pass, no per-cell Python)
+    keyed = rows[rows["base_cell_id"].notna()] if len(rows) else rows
+    first_bad = keyed[keyed["status"] != "ok"].drop_duplicates("base_cell_id")["status"] if len(keyed) else keyed
+    n_ok = keyed["base_cell_id"].nunique() - len(first_bad) if len(keyed) else 0
 
     def distinct(column: str) -> list[str]:
         return sorted({str(v) for v in rows[column].dropna()}) if column in rows else []
 
-    return {"rows": len(rows), "cells": len(cells), "ok": int((statuses == "ok").sum()),
-            "failed": int((statuses == "failed").sum()), "timeout": int((statuses == "timeout").sum()),
+    return {"rows": len(rows), "cells": len(cells), "ok": int(n_ok),
+            "failed": int((first_bad == "failed").sum()) if len(keyed) else 0,
+            "timeout": int((first_bad == "timeout").sum()) if len(keyed) else 0,
             "wall_s": wall, "cell_s_sum": float(cells["total_s"].sum()) if len(cells) else 0.0,
             "started": started, "finished": finished, "hosts": distinct("hostname"),
             "devices": distinct("device"), "gpus": distinct("gpu_name"), "git_shas": distinct("git_sha"),

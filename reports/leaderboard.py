@@ -20,8 +20,8 @@ from reports.cost import cost_table, run_summary
 from reports.document import Bullets, Code, Heading, Image, Paragraph, Table, html_page, markdown
 from reports.provenance import provenance_blocks
 from reports.expected import EXPECTED_CSV, LOWER_IS_BETTER, OOD_GROUPS, load_expected
-from reports.rows import annotate, column_order, read_rows
-from reports.tables import failures, leaderboards, reproduction, row_distributions
+from reports.rows import REPORT_COLUMNS, SCORE_COLUMNS, annotate, column_order, read_rows
+from reports.tables import ColumnDistributions, column_distributions, failures, leaderboards, reproduction
 
 #: The rows' bootstrap distributions, kept beside rows/ so a rebuilt report resamples new rows only.
 BOOTSTRAP_CACHE = ".bootstrap-cache.npz"
@@ -32,6 +32,9 @@ TABLES = ("leaderboard", "reproduction", "failures", "cost", "compare", "compare
 PLOT_PATTERNS = ("bars_*.png", "cost_*.png", "expected_vs_measured.png", "gallery_*.png")
 GALLERY_CLASSES = 3   # per method
 GALLERY_ROWS = 8      # per board
+#: A table listing rows (failed cells, compared cells) shows at most this many; the rest are
+#: counted, summarised and in the table's Parquet file.
+MAX_TABLE_ROWS = 200
 MARKS = {"reproduced": "✓", "below": "▼", "above": "▲", "setting differs": "≠", "no reference": ""}
 PANDAS_LINES = ('import pandas as pd\n'
                 'rows = pd.read_parquet("{run}/rows")\n'
@@ -81,18 +84,28 @@ def _publish(building: Path, folder: Path) -> None:
 
 def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expected: pd.DataFrame, expected_path,
                   extra_expected: tuple, n_resamples: int, min_change: float) -> None:
-    rows = annotate(read_rows(run_dir))
+    rows = annotate(read_rows(run_dir, report_columns(n_resamples)))
+    rows["sample_maps"] = gallery_maps(rows)  # the few the gallery draws; the others freed now
     cache = DistributionCache(run_dir / BOOTSTRAP_CACHE)
-    if compare is not None:
-        cache.include(Path(compare) / BOOTSTRAP_CACHE)
-    boards = leaderboards(rows, expected, tolerance, row_distributions(rows, n_resamples, cache))
-    tables = {"leaderboard": boards, "reproduction": reproduction(boards, expected),
-              "failures": failures(rows), "cost": cost_table(rows, boards)}
-    if compare is not None:
-        other = annotate(read_rows(compare))
-        tables["compare"], tables["compare_status"] = compare_runs(rows, other, tolerance, n_resamples, min_change,
-                                                                   cache)
-    cache.save()
+    try:
+        if compare is not None:
+            cache.include(Path(compare) / BOOTSTRAP_CACHE)
+        dists = column_distributions(rows, n_resamples, cache) if n_resamples > 0 else ColumnDistributions()
+        if compare is None:  # the scores are done with: free them before the tables
+            rows = rows.drop(columns=[c for c in SCORE_COLUMNS if c in rows])
+        boards = leaderboards(rows, expected, tolerance, dists)
+        del dists
+        tables = {"leaderboard": boards, "reproduction": reproduction(boards, expected),
+                  "failures": failures(rows), "cost": cost_table(rows, boards)}
+        if compare is not None:
+            other = annotate(read_rows(compare, [c for c in report_columns(n_resamples) if c != "sample_maps"]))
+            tables["compare"], tables["compare_status"] = compare_runs(rows, other, tolerance, n_resamples,
+                                                                       min_change, cache)
+            del other
+            rows = rows.drop(columns=[c for c in SCORE_COLUMNS if c in rows])
+        cache.save()
+    finally:
+        cache.close()
     for name, table in tables.items():
         table.to_parquet(folder / f"{name}.parquet", index=False)
     figures = make_plots(rows, tables, tolerance, folder)
@@ -105,26 +118,49 @@ def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expect
                                         encoding="utf-8")
 
 
+def report_columns(n_resamples: int = N_RESAMPLES) -> list[str]:
+    """The row columns a report reads: REPORT_COLUMNS, the sample maps (gallery) and, when it
+    draws bootstrap intervals, the labels and scores; never tracebacks, loss curves, versions."""
+    return [*REPORT_COLUMNS, "sample_maps", *(SCORE_COLUMNS if n_resamples > 0 else [])]
+
+
 # ---------------------------------------------------------------- plots
 
 def slug(*parts) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", "_".join(str(p) for p in parts)).strip("_").lower()
 
 
-def gallery_items(rows: pd.DataFrame) -> list[tuple[str, dict]]:
-    """A few rows with sample maps: up to GALLERY_CLASSES classes per method, lowest seed first."""
+def gallery_picks(rows: pd.DataFrame) -> list[tuple[str, str, object]]:
+    """(variant, column, row index) of the rows a gallery draws from: per method, up to
+    GALLERY_CLASSES classes with sample maps, the lowest seed of each."""
     with_maps = rows[(rows["status"] == "ok") & rows["sample_maps"].notna()]
-    items = []
+    picks = []
     for variant, g in with_maps.groupby("variant", sort=True):
         dataset = g["dataset"].iloc[0]
         for column in column_order(dataset, g["column"])[:GALLERY_CLASSES]:
-            row = g[g["column"] == column].sort_values("seed").iloc[0]
-            try:
-                samples = plots.decode_samples(row["sample_maps"])
-            except (ValueError, OSError, KeyError):
-                continue
-            if len(samples.get("labels", [])):
-                items.append((f"{variant}\n{column} (seed {row['seed']})", samples))
+            picks.append((variant, column, g[g["column"] == column].sort_values("seed").index[0]))
+    return picks
+
+
+def gallery_maps(rows: pd.DataFrame) -> pd.Series:
+    """``rows``' sample maps with those no gallery draws set to None (a run's maps can be GBs)."""
+    if "sample_maps" not in rows or rows.empty:
+        return pd.Series([None] * len(rows), index=rows.index, dtype=object)
+    keep = {index for key, g in rows.groupby(["board", "protocol"], sort=True) for _, _, index in gallery_picks(g)}
+    return rows["sample_maps"].where(rows.index.isin(list(keep)), None)
+
+
+def gallery_items(rows: pd.DataFrame) -> list[tuple[str, dict]]:
+    """A few rows with sample maps: up to GALLERY_CLASSES classes per method, lowest seed first."""
+    items = []
+    for variant, column, index in gallery_picks(rows):
+        row = rows.loc[index]
+        try:
+            samples = plots.decode_samples(row["sample_maps"])
+        except (ValueError, OSError, KeyError):
+            continue
+        if len(samples.get("labels", [])):
+            items.append((f"{variant}\n{column} (seed {row['seed']})", samples))
     return items[:GALLERY_ROWS]
 
 
@@ -361,13 +397,30 @@ def failure_blocks(table: pd.DataFrame) -> list:
     blocks = [Heading("Failed and timed-out cells")]
     if table.empty:
         return blocks + [Paragraph("None: every cell finished ok.")]
+    shown = table.head(MAX_TABLE_ROWS)
     rows = [[r["variant"], r["board"], r["protocol"], str(r["column"]), str(r["seed"]), r["status"],
              str(r["attempt"]) if pd.notna(r["attempt"]) else "—", str(r["error"] or "")[:300], r["cell_id"]]
-            for r in table.to_dict("records")]
+            for r in shown.to_dict("records")]
     styles = [["", "", "", "", "", r[5], "", "", ""] for r in rows]
-    return blocks + [Paragraph(f"{len(table)} rows; none of them enters a mean (full tracebacks in the rows)."),
-                     Table(["method", "dataset", "protocol", "class", "seed", "status", "attempt", "error",
+    blocks.append(Paragraph(f"{len(table)} rows; none of them enters a mean (full tracebacks in the rows)."))
+    if len(table) > MAX_TABLE_ROWS:
+        blocks += [Paragraph(f"Too many to list: per method, dataset and error (the error's first line), "
+                             f"then the first {MAX_TABLE_ROWS} of the {len(table)} rows; every row is in "
+                             "failures.parquet."),
+                   error_summary(table)]
+    return blocks + [Table(["method", "dataset", "protocol", "class", "seed", "status", "attempt", "error",
                             "cell"], rows, "failures", styles)]
+
+
+def error_summary(table: pd.DataFrame) -> Table:
+    """Failed rows counted per (method, dataset, protocol, status, error's first line), most first."""
+    first_line = table["error"].map(lambda e: str(e).splitlines()[0][:200] if isinstance(e, str) and e else "")
+    counts = (table.assign(first=first_line).groupby(["variant", "board", "protocol", "status", "first"], sort=True)
+              .size().reset_index(name="rows").sort_values("rows", ascending=False, kind="stable"))
+    rows = [[r["variant"], r["board"], r["protocol"], r["status"], str(r["rows"]), r["first"]]
+            for r in counts.head(MAX_TABLE_ROWS).to_dict("records")]
+    return Table(["method", "dataset", "protocol", "status", "rows", "error"], rows, "failures-summary",
+                 numeric={4})
 
 
 def cost_blocks(table: pd.DataFrame, figures: dict, summary: dict) -> list:
@@ -422,9 +475,9 @@ def compare_blocks(tables: dict, context: dict) -> list:
         if len(shown):
             rows = [[r["variant"], r["board"], str(r["column"]), str(r["seed"]), r["metric"], pts(r["this"]),
                      pts(r["other"]), pts(r["change"], True), interval(r["ci_low"], r["ci_high"]),
-                     "yes" if r["flagged"] else "no", r["cell_id"]] for r in shown.to_dict("records")]
+                     "yes" if r["flagged"] else "no", r["cell_id"]] for r in shown.head(MAX_TABLE_ROWS).to_dict("records")]
             styles = [[""] * 9 + ["flagged" if r[9] == "yes" else "", ""] for r in rows]
-            blocks += [Paragraph("Cells flagged or beyond the tolerance:"),
+            blocks += [Paragraph("Cells flagged or beyond the tolerance" + _first_of(len(shown), "compare") + ":"),
                        Table(["method", "dataset", "class", "seed", "metric", "this", other, "Δ",
                               f"{LEVEL:.0%} CI of Δ", "flagged", "cell"], rows, "compare-flagged", styles,
                              numeric={5, 6, 7, 8})]
@@ -432,10 +485,15 @@ def compare_blocks(tables: dict, context: dict) -> list:
             blocks.append(Paragraph("No cell changed beyond its interval or the tolerance."))
     if len(statuses):
         rows = [[r["variant"], r["board"], str(r["column"]), str(r["seed"]), r["this_status"], r["other_status"],
-                 str(r["error"] or "")[:200]] for r in statuses.to_dict("records")]
-        blocks += [Paragraph("Cells whose status differs:"),
+                 str(r["error"] or "")[:200]] for r in statuses.head(MAX_TABLE_ROWS).to_dict("records")]
+        blocks += [Paragraph("Cells whose status differs" + _first_of(len(statuses), "compare_status") + ":"),
                    Table(["method", "dataset", "class", "seed", "this", other, "error"], rows, "compare-status")]
     return blocks
+
+
+def _first_of(total: int, table: str) -> str:
+    """'' when a listing is whole, else the note that it shows the first MAX_TABLE_ROWS."""
+    return "" if total <= MAX_TABLE_ROWS else f" (the first {MAX_TABLE_ROWS} of {total}; all in {table}.parquet)"
 
 
 def report_blocks(tables: dict, figures: dict, context: dict) -> list:

@@ -16,14 +16,31 @@ LOCATION_PARAMS = frozenset({"root", "download", "cache_dir"})
 MEAN_COLUMN = "mean"
 
 
-def read_rows(run_dir: str | Path) -> pd.DataFrame:
-    """Every row of a run (``<run_dir>/rows/*.parquet``), an empty frame with the schema if none.
-    An unreadable row file is set aside to ``rows/.damaged/`` (RowStore) with a warning."""
+#: What a report reads of the rows: identity, outcome, metrics, cost and provenance. The large
+#: columns are read only where needed: the scores for the bootstrap (SCORE_COLUMNS), the sample
+#: maps of the few gallery rows; tracebacks, loss curves and package versions never.
+REPORT_COLUMNS = ["run_id", "cell_id", "base_cell_id", "method", "params", "dataset", "dataset_params", "protocol",
+                  "normal_class", "category", "ood_set", "seed", "resolved_params", "status", "error", "attempt",
+                  *METRICS, "metric_variants", "fit_s", "score_s", "total_s", "peak_rss_bytes", "peak_gpu_bytes",
+                  "feature_cache_hit", "started_at", "finished_at", "hostname", "device", "gpu_name", "git_sha",
+                  "method_source"]
+SCORE_COLUMNS = ["labels", "image_scores"]
+
+
+def read_rows(run_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Every row of a run (``<run_dir>/rows/``), ``columns`` only (default: all), an empty frame
+    with those columns if none. An unreadable row file is set aside to ``rows/.damaged/``
+    (RowStore) with a warning."""
+    unknown = [c for c in columns or () if c not in COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown row columns {unknown}; the schema's are {COLUMNS}")
     rows_dir = Path(run_dir) / "rows"
-    if not rows_dir.is_dir() or not any(rows_dir.glob("*.parquet")):
-        return pd.DataFrame(columns=COLUMNS)
+    if not rows_dir.is_dir() or not any(rows_dir.iterdir()):
+        return pd.DataFrame(columns=columns or COLUMNS)
     store = RowStore(run_dir)
-    rows = store.read().reset_index(drop=True)
+    rows = store.read(columns).reset_index(drop=True)
+    if columns is not None:  # a column no file has (rows written before it existed): all missing
+        rows = rows.reindex(columns=columns)
     for original, moved, why in store.damaged:
         warnings.warn(f"unreadable row file {original} moved to {moved} ({why}); "
                       "run the grid again to recompute its cell", stacklevel=2)
@@ -65,11 +82,14 @@ def distinguishing_labels(names: pd.Series, params: pd.Series, ignore=frozenset(
 
 def column_of(row) -> str:
     """The leaderboard column of a row: the OOD set (ood), the category (unified), else the class."""
-    for field in (("ood_set", "category") if row["protocol"] == "ood" else ("category",)):
-        value = row.get(field)
+    return _column(row["protocol"], row.get("ood_set"), row.get("category"), row["normal_class"])
+
+
+def _column(protocol, ood_set, category, normal_class) -> str:
+    for value in ((ood_set, category) if protocol == "ood" else (category,)):
         if isinstance(value, str) and value:
             return value
-    return str(row["normal_class"])
+    return str(normal_class)
 
 
 def annotate(rows: pd.DataFrame) -> pd.DataFrame:
@@ -84,8 +104,12 @@ def annotate(rows: pd.DataFrame) -> pd.DataFrame:
     in_dist = [f" [ID {c}]" if p == "ood" and isinstance(c, str) and c not in ("all", "") else ""
                for p, c in zip(out["protocol"], out["normal_class"])]
     out["board"] = [b + s for b, s in zip(boards, in_dist)]
-    out["column"] = [column_of(r) for r in out.to_dict("records")]
-    out["column_key"] = [class_key(d, c) for d, c in zip(out["dataset"], out["column"])]
+    missing = pd.Series([None] * len(out), index=out.index, dtype=object)
+    out["column"] = [_column(*r) for r in zip(out["protocol"], out.get("ood_set", missing),
+                                              out.get("category", missing), out["normal_class"])]
+    keys = {}  # one class_key per distinct (dataset, column): a run has few, rows many
+    out["column_key"] = [keys[dc] if dc in keys else keys.setdefault(dc, class_key(*dc))
+                         for dc in zip(out["dataset"], out["column"])]
     return out
 
 

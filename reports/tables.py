@@ -8,6 +8,8 @@ boards of a dataset with OpenOOD groups, the mean over one group's measured sets
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -37,26 +39,119 @@ NO_REFERENCE = {"expected": np.nan, "setting": None, "source": None, "source_kin
                 "differs": None}
 
 
+#: Threads resampling rows (numpy releases the GIL in the array work; each row has its own seed,
+#: so the values never depend on the thread count or the order rows finish in).
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+BATCH = 256  # rows looked up and resampled per step (bounds what is held at once)
+
+
+def _resampled(job) -> dict[str, np.ndarray]:
+    labels, scores, metrics, n, seed = job
+    return {m: v[:, 0] for m, v in resample_metrics(labels, [scores], metrics, n, seed).items()}
+
+
+def iter_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES,
+                       cache: DistributionCache | None = None, workers: int = WORKERS):
+    """``(position, {metric: bootstrap values})`` for every ok row (position in ``rows``) with usable
+    labels and scores, in row order; rows missing from ``cache`` are resampled ``workers`` at a time
+    and added to it. Nothing is held beyond one batch."""
+    statuses = rows["status"].to_numpy(object) if "status" in rows else np.array([], dtype=object)
+    positions = np.flatnonzero(statuses == "ok")
+    if not len(positions):
+        return
+    cell_ids = rows["cell_id"].to_numpy(object)
+    labels_col = rows["labels"].to_numpy(object) if "labels" in rows else None
+    scores_col = rows["image_scores"].to_numpy(object) if "image_scores" in rows else None
+    values = {m: rows[m].to_numpy(object) for m in BOOTSTRAP_METRICS if m in rows}
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        for start in range(0, len(positions), BATCH):
+            batch, jobs = [], []
+            for i in positions[start:start + BATCH]:
+                metrics = [m for m in BOOTSTRAP_METRICS if m in values and _finite(values[m][i])]
+                labels = as_array(labels_col[i] if labels_col is not None else None, np.int8)
+                scores = as_array(scores_col[i] if scores_col is not None else None)
+                if not metrics or not usable(labels, scores):
+                    continue
+                n, seed = resamples_for(labels.size, n_resamples), row_seed(cell_ids[i])
+                key = DistributionCache.key(labels, scores, metrics, n, seed) if cache is not None else None
+                found = cache.get(key, metrics) if key is not None else None
+                if found is None:
+                    jobs.append((labels, scores, metrics, n, seed))
+                batch.append((i, key, found))
+            done = iter(pool.map(_resampled, jobs) if pool is not None else map(_resampled, jobs))
+            for i, key, found in batch:
+                if found is None:
+                    found = next(done)
+                    if cache is not None:
+                        cache.put(key, found)
+                yield int(i), found
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
 def row_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES,
                       cache: DistributionCache | None = None) -> dict[str, dict[str, np.ndarray]]:
     """``{cell_id: {metric: bootstrap values}}`` for every ok row with usable labels and scores;
     with a ``cache``, rows resampled by an earlier build are read from it (and new ones added; the
-    caller saves it once its build has looked up every row)."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for r in ok_rows(rows).to_dict("records"):
-        metrics = [m for m in BOOTSTRAP_METRICS if _finite(r.get(m))]
-        labels, scores = as_array(r.get("labels"), np.int8), as_array(r.get("image_scores"))
-        if not metrics or not usable(labels, scores):
-            continue
-        n, seed = resamples_for(labels.size, n_resamples), row_seed(r["cell_id"])
-        key = DistributionCache.key(labels, scores, metrics, n, seed) if cache is not None else None
-        found = cache.get(key, metrics) if key is not None else None
-        if found is None:
-            sampled = resample_metrics(labels, [scores], metrics, n, seed)
-            found = {m: v[:, 0] for m, v in sampled.items()}
-            if cache is not None:
-                cache.put(key, found)
-        out[r["cell_id"]] = found
+    caller saves it once its build has looked up every row). Holds every row's distributions: for
+    a whole run's leaderboards ``column_distributions`` keeps only their sums."""
+    cell_ids = rows["cell_id"].to_numpy(object) if len(rows) else []
+    return {cell_ids[i]: found for i, found in iter_distributions(rows, n_resamples, cache)}
+
+
+class ColumnDistributions:
+    """The bootstrap distribution of each leaderboard cell's mean over seeds, summed row by row.
+
+    Keyed by (board, protocol, variant, column, metric) over the ok rows whose metric is not NaN,
+    as the leaderboard groups them; the running sum in row order, divided by the count, is exactly
+    ``mean_of`` of the rows' distributions (``np.mean`` over a stack adds rows in order), truncated
+    to the shortest one. A cell with a row that has no distribution for the metric has none."""
+
+    def __init__(self):
+        self.sums: dict[tuple, list] = {}  # key -> [sum, count, complete]
+
+    def add(self, key: tuple, dist: np.ndarray | None) -> None:
+        entry = self.sums.get(key)
+        if entry is None:
+            self.sums[key] = [None if dist is None else np.array(dist, dtype=np.float64), 1, dist is not None]
+            return
+        entry[1] += 1
+        if dist is None or not entry[2]:
+            entry[0], entry[2] = None, False
+            return
+        size = min(entry[0].size, dist.size)
+        entry[0] = entry[0][:size]
+        entry[0] += dist[:size]
+
+    def mean(self, key: tuple) -> np.ndarray | None:
+        entry = self.sums.get(key)
+        if entry is None or not entry[2]:
+            return None
+        return entry[0] / entry[1]
+
+
+def column_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES,
+                         cache: DistributionCache | None = None) -> ColumnDistributions:
+    """Each leaderboard cell's bootstrap distribution of the mean over seeds (``rows`` annotated),
+    resampling row by row without holding every row's distributions."""
+    out = ColumnDistributions()
+    if rows.empty:
+        return out
+    metrics = [m for m in BOOTSTRAP_METRICS if m in rows]
+    scored = {m: rows[m].notna().to_numpy() for m in metrics}
+    ok = (rows["status"] == "ok").to_numpy()
+    ident = list(zip(rows["board"], rows["protocol"], rows["variant"], rows["column"]))
+    stream = iter_distributions(rows, n_resamples, cache)
+    ahead = next(stream, None)
+    for i in np.flatnonzero(ok):
+        dists = {}
+        if ahead is not None and ahead[0] == i:
+            dists, ahead = ahead[1], next(stream, None)
+        for m in metrics:
+            if scored[m][i]:
+                out.add((*ident[i], m), dists.get(m))
     return out
 
 
@@ -135,8 +230,12 @@ def _variant_records(vrows, metric, board_columns, dataset, protocol, index, tol
     for column in measured:
         crows = by_column[column]
         values = crows[metric].to_numpy(float)
-        dist = (mean_of([dists.get(cid, {}).get(metric) for cid in crows["cell_id"]])
-                if metric in BOOTSTRAP_METRICS else None)
+        if metric not in BOOTSTRAP_METRICS:
+            dist = None
+        elif isinstance(dists, ColumnDistributions):
+            dist = dists.mean((crows["board"].iloc[0], protocol, crows["variant"].iloc[0], column, metric))
+        else:
+            dist = mean_of([dists.get(cid, {}).get(metric) for cid in crows["cell_id"]])
         low, high = percentile_interval(dist) if dist is not None else (np.nan, np.nan)
         ref = _reference(index, method, dataset, protocol, class_key(dataset, column), metric, params, ood_sets)
         mean = float(values.mean())
@@ -197,8 +296,10 @@ def _rank(means: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def leaderboards(rows: pd.DataFrame, expected: pd.DataFrame, tolerance: float,
-                 dists: dict[str, dict[str, np.ndarray]]) -> pd.DataFrame:
-    """One long table: a record per (board, protocol, metric, variant, column), column ``mean`` included."""
+                 dists: "dict[str, dict[str, np.ndarray]] | ColumnDistributions") -> pd.DataFrame:
+    """One long table: a record per (board, protocol, metric, variant, column), column ``mean`` included.
+    ``dists``: the rows' bootstrap distributions (``row_distributions``) or their sums per
+    leaderboard cell (``column_distributions``, what a report uses: same intervals, flat memory)."""
     out = []
     index = by_key(expected)
     rows = rows.drop(columns=[c for c in HEAVY_COLUMNS if c in rows.columns])

@@ -269,9 +269,25 @@ def test_a_cache_save_that_fails_leaves_the_old_file_and_no_partial_one(tmp_path
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C or SIGTERM while the file is written
 
-    monkeypatch.setattr(b.np, "savez", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(b, "write_member", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # while a new entry is written (200 resamples: a new key)
         cached(frame, 200, b.DistributionCache(path))
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    real, calls = b.np.lib.format.write_array, []
+
+    def second_fails(*args, **kwargs):  # the new entry goes in, copying the old one is interrupted
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.undo()
+    two = annotate(pd.DataFrame([make_row("padim", "mvtec", "one_class", c, 0) for c in ("bottle", "cable")]))
+    monkeypatch.setattr(b.np.lib.format, "write_array", second_fails)
+    cache = b.DistributionCache(path)
+    with pytest.raises(KeyboardInterrupt):
+        cached(two, 300, cache)
+    assert len(calls) == 2 and cache.writer is None
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
