@@ -23,7 +23,7 @@ from pathlib import Path
 
 from orchestrator.cell import failure_row
 from orchestrator.grid import Cell, canonical
-from orchestrator.store import RowStore
+from orchestrator.store import RowStore, cell_status
 from orchestrator.worker import Worker
 
 DEFAULT_NODE_IP = "127.0.0.1"  # the one node address on which Ray's servers bind to loopback alone
@@ -507,7 +507,7 @@ class Runner:
         if not written:
             self.summary.not_written += 1
             return
-        status = rows[0]["status"] if all(r["status"] == rows[0]["status"] for r in rows) else "failed"
+        status = cell_status(r["status"] for r in rows)
         setattr(self.summary, status, getattr(self.summary, status) + 1)
 
     def run(self) -> Summary:

@@ -165,6 +165,17 @@ class Compaction:
     kept: list[Path] = field(default_factory=list)
 
 
+def cell_status(statuses) -> str:
+    """The one rule for a cell's status from its rows' (a unified / ood cell has several): "ok" when
+    every row is ok, else the first other row's ("failed" or "timeout"); no rows, or a row without a
+    status, is "failed". ``statuses`` (part files) and ``reports.cost.run_summary`` apply it vectorised;
+    tests/test_store.py holds them equal to this."""
+    statuses = list(statuses)
+    if statuses and all(s == "ok" for s in statuses):
+        return "ok"
+    return next((s for s in statuses if s != "ok"), "failed") or "failed"
+
+
 class RowStore:
     """The rows of one run (see the module doc for the layout and the precedence). Fresh files are
     named by the cell's id (``<cell_id>.parquet``). ``damaged`` lists (file, where it was moved,
@@ -352,8 +363,7 @@ class RowStore:
                     raise _Restart() from e
                 self._set_aside(f, self._why(e))
                 continue
-            out[f.stem] = "ok" if status and all(s == "ok" for s in status) else \
-                next((s for s in status if s != "ok" and s), "failed")
+            out[f.stem] = cell_status(status)
         for _, f in reversed(self.part_files()):
             try:
                 with pq.ParquetFile(f) as parquet:

@@ -90,7 +90,8 @@ def run_summary(rows: pd.DataFrame) -> dict:
     started = pd.to_datetime(rows["started_at"], utc=True).min() if len(rows) else pd.NaT
     finished = pd.to_datetime(rows["finished_at"], utc=True).max() if len(rows) else pd.NaT
     wall = (finished - started).total_seconds() if pd.notna(started) and pd.notna(finished) else float("nan")
-    # a cell's status: ok when every row is, else its first other row's (one pass, no per-cell Python)
+    # a cell's status (orchestrator.store.cell_status): ok when every row is, else its first other
+    # row's; here in one pass, no per-cell Python
     keyed = rows[rows["base_cell_id"].notna()] if len(rows) else rows
     first_bad = keyed[keyed["status"] != "ok"].drop_duplicates("base_cell_id")["status"] if len(keyed) else keyed
     n_ok = keyed["base_cell_id"].nunique() - len(first_bad) if len(keyed) else 0

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from orchestrator.grid import LOCATION_PARAMS  # dataset params that say where data lives, not what it is
 from orchestrator.store import COLUMNS, METRICS, RowStore
 from reports.expected import FULL_CLASSES, class_key
 
-#: Dataset params that say where data lives (as orchestrator.grid.LOCATION_PARAMS), not what it is.
-LOCATION_PARAMS = frozenset({"root", "download", "cache_dir"})
 MEAN_COLUMN = "mean"
 
 

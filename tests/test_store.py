@@ -278,3 +278,35 @@ def test_a_resume_first_compacts_the_files_a_killed_run_left(tmp_path, capsys, m
     out = capsys.readouterr().out
     assert "compacted 4 row file(s) left by an earlier run into 1 part(s)" in out, out
     assert "4 cells, 4 already done, 0 to run" in out and store.fresh_files() == []
+
+
+def test_one_status_rule_for_a_cell_in_fresh_files_parts_and_the_report(tmp_path):
+    """cell_status is the rule; RowStore.statuses (fresh files and parts, vectorised) and the
+    report's run_summary (vectorised) give the same status for every mix of row statuses."""
+    from orchestrator.store import RowStore, cell_status
+    from reports.cost import run_summary
+
+    mixes = {"a": ["ok"], "b": ["ok", "timeout"], "c": ["timeout", "failed"], "d": ["failed", "ok"],
+             "e": ["ok", "ok", "ok"], "f": ["timeout"], "g": ["ok", "failed", "timeout"]}
+    assert [cell_status(m) for m in mixes.values()] == ["ok", "timeout", "timeout", "failed", "ok",
+                                                         "timeout", "failed"]
+    assert cell_status([]) == "failed" and cell_status([None]) == "failed"
+
+    def rows_of(cell, statuses):
+        rows = row(cell, n=len(statuses))
+        for r, s in zip(rows, statuses):
+            r["status"] = s
+        return rows
+
+    fresh, parted = RowStore(tmp_path / "fresh"), RowStore(tmp_path / "parted")
+    for cell, statuses in mixes.items():
+        fresh.write(cell, rows_of(cell, statuses))
+        parted.write(cell, rows_of(cell, statuses))
+    parted.compact()
+    want = {cell: cell_status(m) for cell, m in mixes.items()}
+    assert not list(parted.rows_dir.glob("*.parquet")) and parted.part_files()
+    assert fresh.statuses() == want and parted.statuses() == want
+    from reports.rows import annotate
+
+    summary = run_summary(annotate(parted.read()))
+    assert (summary["ok"], summary["failed"], summary["timeout"]) == (2, 2, 3)
