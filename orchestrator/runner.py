@@ -1,6 +1,6 @@
 """Fan cells out over Ray Core worker actors; stream rows to the store as they arrive.
 
-Why actors and not Tune trials: DESIGN.md ("Ray"). Workers are shaped per resource request (a
+Why actors and not Tune trials: docs/architecture.md ("Ray"). Workers are shaped per resource request (a
 method entry's ``resources: {gpu, cpu}``; see ``Runner``) and the pool never asks for more than
 the alive nodes have. A raising cell is a failed row; a worker that dies is replaced and its cell
 re-queued up to ``max_attempts``, except where its node was lost (no attempt counted); a cell past
