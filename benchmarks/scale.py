@@ -16,7 +16,7 @@ Each figure is printed with a ratio against a baseline measured in the same run:
             of each class, re-keyed per cell). Where the store can compact (``RowStore.compact``)
             each size is also planned after ``bench.py compact RUN`` (or ``compact()``).
 * report    ``bench.py report RUN`` at 10,000 rows (100,000 with --big): wall time and peak RSS,
-            against the same at 1,000 rows (10x the rows should cost at most about 10x the time).
+            against the same at a tenth of the rows (10x the rows should cost at most about 10x).
             Uses the rows of the ``cells`` part when it ran, else the synthetic rows.
 * recovery  a 4-node local cluster (head 127.0.0.2 with no CPU, workers 127.0.0.3-5 with one each, as
             tests/test_cluster.py starts nodes); ``bench.py GRID --address`` runs 90 ``noop`` cells of
@@ -165,6 +165,7 @@ def child_expand(repo: str, grid: str) -> None:
     t5 = clock()
     print(json.dumps({"cells": len(cells), "load_s": t1 - t0, "expand_s": t2 - t1, "describe_s": t3 - t2,
                       "affinity_s": t4 - t3, "grid_affinity_s": t5 - t4, "groups": len(keys),
+                      "has_grid_affinity": hasattr(grid_module, "affinity"),
                       "hwm_imports_kib": hwm0, "hwm_kib": vm_kib()}))
 
 
@@ -351,7 +352,8 @@ def part_dryrun(args, work: Path) -> None:
           f"{1e6 * (dry['wall_s'] - heavy['import_s']) / n:.0f} µs/cell wall (printing included)")
     print(f"  in one process (CPU µs/cell): load {per['load']:.2f}, expand {per['expand']:.2f}, "
           f"describe {per['describe']:.2f}, runner.affinity {per['affinity']:.2f}, grid.affinity "
-          f"{per['grid_affinity']:.2f}; RSS growth "
+          f"{per['grid_affinity']:.2f}" + ("" if inner["has_grid_affinity"] else " (absent)") + "; RSS growth "
+          f"
           f"{mib(inner['hwm_kib'] - inner['hwm_imports_kib'])} ({1024 * (inner['hwm_kib'] - inner['hwm_imports_kib']) / n:.0f} B/cell)")
 
 
@@ -456,9 +458,9 @@ def part_report(args, work: Path, state: dict) -> None:
         else:
             write_synthetic(src, cells, args.writer)
         kind = f"synthetic rows ({src.name})"
-    small = noop_grid(work / "report1000.yaml", 1000)
     sizes = []
-    for size, grid in ((1000, small), (n, noop_grid(work / f"report{n}.yaml", n))):
+    for size in (n // 10, n):   # a tenth of the rows: the baseline
+        grid = noop_grid(work / f"report{size}.yaml", size)
         ids = [c.cell_id for c in expand(load_grid(grid)).cells]
         folder = linked_subset(src, work / "results" / f"report{size}", ids)
         r = timed_process([sys.executable, str(Path(args.repo) / "bench.py"), "report", str(folder)],
@@ -517,12 +519,15 @@ def part_recovery(args, work: Path) -> None:
             env=env, start_new_session=True, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT)
         wait_for("the head node did not start", lambda: subprocess.run(
             [ray_bin, "status", f"--address={address}"], env=env, capture_output=True).returncode == 0)
-        for ip in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
-            nodes[ip] = subprocess.Popen(
+        for k, ip in enumerate(("127.0.0.3", "127.0.0.4", "127.0.0.5"), 1):   # one at a time: three
+            nodes[ip] = subprocess.Popen(                                         # at once time out on 2 cores
                 [ray_bin, "start", "--block", f"--node-ip-address={ip}", f"--address={address}", "--num-cpus=1",
                  f"--dashboard-agent-listen-port={free_port()}"],
                 env=env, start_new_session=True, stdout=open(logs / f"node-{ip}.log", "w"), stderr=subprocess.STDOUT)
-        wait_for("the 3 worker nodes did not join", lambda: "/3.0 CPU" in status())
+            wait_for(f"worker node {ip} did not join", lambda: f"/{k}.0 CPU" in status()
+                     or nodes[ip].poll() is not None)
+            if nodes[ip].poll() is not None:
+                raise RuntimeError(f"worker node {ip} exited: {(logs / f'node-{ip}.log').read_text()[-2000:]}")
         n = args.recovery_cells
         grid = noop_grid(work / "recovery.yaml", n, sleep_s=0.2)
         results = work / "results"
@@ -593,7 +598,7 @@ def main() -> int:
                    "per row (minutes at 100,000)")
     p.add_argument("--recovery-cells", type=int, default=90)
     p.add_argument("--recovery-timeout", type=float, default=600)
-    p.add_argument("--report-timeout", type=float, default=900)
+    p.add_argument("--report-timeout", type=float, default=600, help="seconds per report build")
     p.add_argument("--workdir", help="keep rows and grids here (reused by a later run) instead of a temp folder")
     p.add_argument("--repo", default=str(ROOT), help="checkout whose bench.py and orchestrator the dryrun and "
                    "planning children use (default: this one)")
