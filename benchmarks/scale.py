@@ -353,7 +353,6 @@ def part_dryrun(args, work: Path) -> None:
     print(f"  in one process (CPU µs/cell): load {per['load']:.2f}, expand {per['expand']:.2f}, "
           f"describe {per['describe']:.2f}, runner.affinity {per['affinity']:.2f}, grid.affinity "
           f"{per['grid_affinity']:.2f}" + ("" if inner["has_grid_affinity"] else " (absent)") + "; RSS growth "
-          f"
           f"{mib(inner['hwm_kib'] - inner['hwm_imports_kib'])} ({1024 * (inner['hwm_kib'] - inner['hwm_imports_kib']) / n:.0f} B/cell)")
 
 
