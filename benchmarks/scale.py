@@ -418,7 +418,6 @@ def part_planning(args, work: Path, state: dict) -> None:
     print(f"\n[planning] resume planning in a fresh process per size ({args.repo})")
     print(f"  synthetic rows: {big:,} in {src}" + (f", written in {wrote:.0f} s ("
                                                    f"{args.writer} writer, read back whole)" if wrote else " (reused)"))
-    state["synthetic"] = (src, cells)
     results = []
     for n in sizes:
         grid = noop_grid(work / f"plan{n}.yaml", n)
@@ -454,13 +453,14 @@ def part_report(args, work: Path, state: dict) -> None:
     if state.get("cells_run", (None, 0))[1] == n:
         src, kind = state["cells_run"][0], "rows of the cells part"
     else:
-        src = work / "results" / f"plan{n}-report-src"
-        cells = expand(load_grid(noop_grid(work / f"plan{n}.yaml", n))).cells
-        have, _ = state.get("synthetic", (None, []))
-        if have is not None and n <= len(state["synthetic"][1]):
-            src = have
+        # the planning part's rows (this run's, or a --workdir's earlier run's) where they cover n cells
+        written = sorted((int(p.name[4:]), p) for p in (work / "results").glob("plan*") if p.name[4:].isdigit())
+        covering = [p for size, p in written if size >= n]
+        if covering:
+            src = covering[0]
         else:
-            write_synthetic(src, cells, args.writer)
+            src = work / "results" / f"plan{n}"
+            write_synthetic(src, expand(load_grid(noop_grid(work / f"plan{n}.yaml", n))).cells, args.writer)
         kind = f"synthetic rows ({src.name})"
     sizes = []
     for size in (n // 10, n):   # a tenth of the rows: the baseline
