@@ -258,7 +258,10 @@ def run_locked(args, grid, cells, store) -> int:
                 with_dashboard = False
                 print(f"another local Ray holds {node_ip}:52365 (its dashboard agent): this run starts "
                       "without a dashboard, which would show that run's logs and metrics")
-        dashboard = start_ray(args.address, node_ip=node_ip, dashboard=with_dashboard)
+        from plugins.loader import ship_paths
+
+        dashboard = start_ray(args.address, node_ip=node_ip, dashboard=with_dashboard,
+                              py_modules=ship_paths(grid.plugin_specs))
         if dashboard:
             print(f"Ray dashboard: {dashboard}")
         runner = Runner(todo, store, run_id=run_name, max_attempts=args.max_attempts,
@@ -305,6 +308,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     from data import DATASETS
     from data.protocols import PROTOCOLS
     from methods import METHODS
+    from orchestrator.config import ConfigError, load_grid_plugins, load_plugins
+    from plugins.registry import BUILTIN
+
+    try:  # installed entry points, and with a grid its plugins: listed like the built-ins
+        load_grid_plugins(args.grid) if args.grid else load_plugins([], Path.cwd(), "installed plugins")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    def source(registry, name) -> str:
+        where = registry.source(name)
+        return "" if where == BUILTIN else f"  (plugin: {where})"
 
     def fields(model) -> str:
         parts = []
@@ -315,13 +330,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     print("methods:")
     for name, cls in sorted(METHODS.items()):
-        print(f"  {name}  protocols: {', '.join(sorted(cls.protocols))}" + (f"  [{cls.paper}]" if cls.paper else ""))
+        print(f"  {name}  protocols: {', '.join(sorted(cls.protocols))}" + (f"  [{cls.paper}]" if cls.paper else "")
+              + source(METHODS, name))
         if cls.reference:
             print(f"    reference code: {cls.reference}")
         print(fields(cls.Params))
     print("datasets:")
     for name, cls in sorted(DATASETS.items()):
-        print(f"  {name}")
+        print(f"  {name}" + source(DATASETS, name))
         print(fields(cls.Params))
     print("protocols:")
     for name, text in PROTOCOLS.items():

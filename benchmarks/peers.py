@@ -9,7 +9,7 @@ scipy and numpy come from the product's environment), found through ``--peers-pa
 (as anomalib runs in its own venv for ``benchmarks/methods.py``); the two sides exchange arrays
 through ``.npy`` files and state dicts through ``.pt`` files in a temporary directory.
 
-Here: the shared classifier of ``methods/_classifier.py`` (ResNet-18 32×32 at ``width_scale``, the
+Here: the shared classifier of ``methods/classifier/`` (ResNet-18 32×32 at ``width_scale``, the
 demo grid's tiny recipe) trained on the embedded ``digits`` (ten classes in-distribution, 16 px),
 Fashion-MNIST's 10,000 test images OOD (``data/protocols.py`` ``ood``); and the confidence-branch
 network of ``methods/conf_branch.py`` trained on the same split. Both state dicts are saved; our
@@ -91,7 +91,7 @@ torch.set_num_threads(cfg["threads"])
 import pytorch_ood
 from pytorch_ood.detector import EnergyBased, MaxSoftmax, OpenMax
 from pytorch_ood.loss import ConfidenceLoss
-from methods._classifier import build_network
+from methods.classifier import build_network
 from methods.conf_branch import ConfBranchNet
 d = cfg["dir"]
 load = lambda name: torch.from_numpy(np.load(f"{d}/{name}.npy"))
@@ -154,7 +154,7 @@ def our_side(tmp: str, epochs: int, width_scale: float, seed: int) -> tuple[dict
 
     import methods.openmax as openmax_mod
     from data.protocols import make_splits
-    from methods._classifier import ClassifierParams, predict_logits, train_data
+    from methods.classifier import ClassifierParams, predict_logits, train_data
     from methods.base import ArtifactCache, RunContext, create
     from methods.conf_branch import conf_branch_loss
 

@@ -8,14 +8,92 @@ into a train ``Split`` and one or more test ``Split``s with binary labels (1 = a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from plugins.registry import Registry
+
 
 class DataError(ValueError):
     """Bad or missing data; the message says which file or class, and what to do."""
+
+
+@dataclass(frozen=True)
+class ClassStatistics:
+    """Constants a published recipe computed on one normal class's training images, so that a
+    method preprocesses that class as the recipe did. Per channel (one value = every channel).
+
+    gcn_min / gcn_max: min and max over the class's images after global contrast normalisation
+    with the l1 scale (Deep SVDD Sec. 4.1, FCDD's ``min_max_l1``); the GCN + min-max inputs of the
+    deep one-class methods. mean / std: channel mean and std of the raw [0, 1] pixels (FCDD's
+    CIFAR-10 preprocessing ``aug1``)."""
+
+    gcn_min: tuple[float, ...] = ()
+    gcn_max: tuple[float, ...] = ()
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """The preprocessing statistics a dataset declares (``Dataset.statistics``); empty = none, and
+    methods compute their own from the training images.
+
+    mean / std:  channel mean / std of the [0, 1] pixels over the whole dataset, what a classifier
+                 normalises with (OpenOOD's ``normalization_dict``); ``source`` says where they come from.
+    per_class:   ``ClassStatistics`` by class name, used when a split's normal class is that one class.
+    class_source: what the per-class constants are, as a row's preprocessing records it
+                 ("official constants": transcribed from the recipe's code).
+    side / channels: the raw image geometry the per-class constants hold at (None = any); images of
+                 another size (a resized variant of the dataset) get computed statistics instead."""
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    source: str = ""
+    per_class: Mapping[str, ClassStatistics] = field(default_factory=dict)
+    class_source: str = "declared constants"
+    side: int | None = None
+    channels: int | None = None
+
+    def __post_init__(self):
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"Statistics: mean has {len(self.mean)} channels, std {len(self.std)}")
+        if any(v <= 0 for v in self.std):
+            raise ValueError(f"Statistics: std must be positive, got {self.std}")
+        for name, c in self.per_class.items():
+            if any(v <= 0 for v in c.std):
+                raise ValueError(f"Statistics: class {name!r}: std must be positive, got {c.std}")
+            if len(c.gcn_min) != len(c.gcn_max) or len(c.mean) != len(c.std):
+                raise ValueError(f"Statistics: class {name!r} declares mismatched gcn_min/gcn_max or mean/std")
+            if any(hi <= lo for lo, hi in zip(c.gcn_min, c.gcn_max)):
+                raise ValueError(f"Statistics: class {name!r} has gcn_max <= gcn_min")
+
+    def for_class(self, name: str) -> ClassStatistics | None:
+        return self.per_class.get(name)
+
+    def fits(self, side: tuple[int, int] | None, channels: int | None) -> bool:
+        """Whether the per-class constants hold for raw images of ``side`` (h, w) and ``channels``."""
+        return ((self.channels is None or self.channels == channels)
+                and (self.side is None or side == (self.side, self.side)))
+
+
+@dataclass(frozen=True)
+class OutlierExposure:
+    """Outlier-exposure images the data side provides (FCDD's outlier exposure): the train side of
+    the registered dataset ``name`` with ``params``. ``load`` reads it through ``data.protocols``
+    (memoized per process), so a method never loads a dataset itself."""
+
+    name: str
+    params: Mapping = field(default_factory=dict)
+
+    def load(self) -> "Split":
+        from data.protocols import outlier_exposure_split
+        return outlier_exposure_split(self)
+
+    def describe(self) -> str:
+        return f"dataset {self.name} (train side)"
 
 
 @dataclass
@@ -30,7 +108,18 @@ class Split:
     class_names: names of the classes ``targets`` index.
     masks:       N×H×W uint8 {0,1} at each image's size, or None where the dataset has no masks.
     key:         a string that identifies the content exactly (dataset, its params, protocol,
-                 class set, side, OOD set); the feature cache keys on it.
+                 class set, side, OOD set); the feature cache keys on it. Methods never parse it.
+
+    What the split is, in typed fields (``data.protocols.make_splits`` fills them from the
+    dataset's declarations; a split built by hand may leave them empty):
+
+    dataset:        the registered dataset's name ("" = unknown).
+    normal_classes: the normal / in-distribution / known class names of the cell.
+    channels, size: channels and (height, width) of the images; size None when sizes differ.
+    statistics:     the preprocessing statistics the dataset declares (``Statistics``).
+    recipe_family:  the published benchmark whose recipes fit the dataset ("mnist", "cifar10",
+                    "cifar_like", "mvtec"; None = none declared, methods decide by geometry).
+    outlier_exposure: the outlier-exposure set the grid's dataset entry names, or None.
     """
 
     images: np.ndarray | list
@@ -40,9 +129,39 @@ class Split:
     key: str
     masks: np.ndarray | list | None = None
     meta: dict = field(default_factory=dict)
+    dataset: str = ""
+    normal_classes: tuple[str, ...] = ()
+    channels: int | None = None
+    size: tuple[int, int] | None = None
+    statistics: Statistics = field(default_factory=Statistics)
+    recipe_family: str | None = None
+    outlier_exposure: OutlierExposure | None = None
+
+    def __post_init__(self):
+        if (self.channels is None or self.size is None) and len(self.images):
+            channels, size = image_geometry(self.images)
+            self.channels = channels if self.channels is None else self.channels
+            self.size = size if self.size is None else self.size
+        self.normal_classes = tuple(self.normal_classes)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def normal_class(self) -> str | None:
+        """The one normal class of a single-class split, else None (class sets, "all")."""
+        return self.normal_classes[0] if len(self.normal_classes) == 1 else None
+
+
+def image_geometry(images) -> tuple[int, tuple[int, int] | None]:
+    """(channels, (height, width)) of uint8 images; the size is None when the images differ in size
+    (channels are the first image's)."""
+    if isinstance(images, np.ndarray):
+        return (1 if images.ndim == 3 else int(images.shape[-1])), (int(images.shape[1]), int(images.shape[2]))
+    first = np.asarray(images[0])
+    sizes = {tuple(np.shape(img)[:2]) for img in images}
+    return (1 if first.ndim == 2 else int(first.shape[-1])), (tuple(int(v) for v in first.shape[:2])
+                                                              if len(sizes) == 1 else None)
 
 
 @dataclass
@@ -73,6 +192,10 @@ class Dataset:
     # The class names the dataset is published with, where ``classes`` reads them from its files:
     # a dry run plans a grid with these when the files are absent (``data.protocols.planning``).
     declared_classes: ClassVar[tuple[str, ...]] = ()
+    # What methods preprocess by (``Statistics``: mean / std, per-class GCN min-max ...) and the
+    # published benchmark whose recipes fit it (see ``Split.recipe_family``); copied onto every split.
+    statistics: ClassVar[Statistics] = Statistics()
+    recipe_family: ClassVar[str | None] = None
 
     def __init__(self, params: DatasetParams):
         self.params = params
@@ -84,22 +207,14 @@ class Dataset:
         raise NotImplementedError
 
 
-DATASETS: dict[str, type[Dataset]] = {}
+#: Every dataset, built-in or plugin: name -> class, with each entry's source (plugins/registry.py).
+DATASETS: Registry = Registry("dataset")
 
 
 def register_dataset(name: str) -> Callable[[type[Dataset]], type[Dataset]]:
-    def deco(cls: type[Dataset]) -> type[Dataset]:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} registered twice")
-        cls.name = name
-        DATASETS[name] = cls
-        return cls
-
-    return deco
+    """``@register_dataset("name")``: add a Dataset subclass to ``DATASETS``."""
+    return DATASETS.register(name)
 
 
 def create_dataset(name: str, params: dict | None = None) -> Dataset:
-    if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
-    cls = DATASETS[name]
-    return cls(cls.Params(**(params or {})))
+    return DATASETS.create(name, params)

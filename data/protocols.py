@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.base import DATASETS, DataError, Dataset, RawData, Split, create_dataset
+from data.base import DATASETS, DataError, Dataset, OutlierExposure, RawData, Split, create_dataset
 
 PROTOCOLS: dict[str, str] = {
     "one_class": "train on the normal class(es) only; test label 1 for every other class, or for "
@@ -143,6 +143,12 @@ class Setup:
     protocol: str
     normal: list[str]      # the normal / in-distribution / known class names
     label: str             # class_label of the normal class as given
+    outlier_exposure: OutlierExposure | None = None
+
+    def declared(self) -> dict:
+        """The typed fields every split of this setup carries (``Split.dataset`` ...)."""
+        return dict(dataset=self.name, normal_classes=tuple(self.normal), statistics=self.ds.statistics,
+                    recipe_family=self.ds.recipe_family)
 
     def normal_ids(self) -> np.ndarray:
         names = self.ds.classes()
@@ -170,7 +176,8 @@ class Setup:
                       targets=np.asarray(raw.targets if targets is None else targets, dtype=np.int64),
                       class_names=list(raw.class_names if class_names is None else class_names),
                       key=f"{self.name}|{self.params_json}|{self.protocol}|{self.label}|{side}{suffix}",
-                      masks=raw.masks, meta=meta)
+                      masks=raw.masks, meta=meta, **self.declared(),
+                      outlier_exposure=self.outlier_exposure if side == "train" else None)
         if len(split) == 0:
             raise DataError(f"{self.name}: the {side} split of {self.protocol} for {self.label!r} is empty")
         return split
@@ -270,6 +277,7 @@ def _ood(setup: Setup, *, ood: list[str] | None, ood_params: dict | None, **_) -
                   "side": f"test:{ood_name}", "ood_set": ood_name,
                   "ood_list": "filtered" if listed else "full", "ood_resize": options["resize"],
                   "images_key": id_test.meta["images_key"] + extra},
+            channels=channels, size=(height, width), **setup.declared(),
         )))
     return train, tests
 
@@ -424,17 +432,61 @@ def _normal_names(dataset: str, names: Sequence[str], normal_class) -> tuple[lis
 
 def make_splits(dataset: str, dataset_params: dict | None, protocol: str, normal_class, *,
                 ood: list[str] | None = None, ood_params: dict | None = None,
+                outlier_exposure: dict | None = None,
                 seed: int = 0) -> tuple[Split, list[tuple[str | None, Split]]]:
     """(train split, [(test name, test split), ...]) for one cell. ``normal_class``: a name, an
     index, a tuple of those, or "all". ``ood_params`` maps an OOD dataset name to its params.
-    ``seed`` is unused: no protocol subsamples."""
+    ``outlier_exposure``: the grid dataset entry's outlier-exposure set, ``{name, **params}``
+    (see ``outlier_exposure_source``), carried by the train split. ``seed`` is unused: no
+    protocol subsamples."""
     if protocol not in PROTOCOL_BUILDERS:
         raise DataError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
     ds = get_dataset(dataset, dataset_params)
     normal, label = _normal_names(dataset, ds.classes(), normal_class)
     setup = Setup(name=dataset, ds=ds, params_json=canonical_params(ds), protocol=protocol,
-                  normal=normal, label=label)
+                  normal=normal, label=label, outlier_exposure=outlier_exposure_source(outlier_exposure))
     return PROTOCOL_BUILDERS[protocol](setup, ood=ood, ood_params=ood_params, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# outlier exposure
+
+def outlier_exposure_source(entry: dict | None) -> OutlierExposure | None:
+    """The dataset entry's ``outlier_exposure: {name: DATASET, PARAM: VALUE...}`` as an
+    ``OutlierExposure`` (None when the entry names none). The name must be a registered dataset.
+
+    The rule a method follows (FCDD's ``anomaly_source: oe``, or ``auto`` at 28 / 32 px): the set
+    the dataset entry names; else the set the method's own params name (``oe_dataset``, kept for
+    existing grids); else its recipe's default (CIFAR-100's train side for FCDD's 28 / 32 px
+    recipes). Either way the images are read here, on the data side."""
+    if not entry:
+        return None
+    entry = dict(entry)
+    name = entry.pop("name", None)
+    if not isinstance(name, str) or not name:
+        raise DataError(f"outlier_exposure needs name: DATASET (a registered dataset); got {entry!r}")
+    if name not in DATASETS:
+        raise DataError(f"outlier_exposure: unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
+    return OutlierExposure(name=name, params=entry)
+
+
+@lru_cache(maxsize=4)
+def _outlier_exposure_cached(name: str, params_json: str) -> Split:
+    ds = get_dataset(name, json.loads(params_json))
+    raw = ds.load("train")
+    n = len(raw.targets)
+    return Split(images=raw.images, labels=np.ones(n, np.int64), targets=np.asarray(raw.targets, np.int64),
+                 class_names=list(raw.class_names), key=f"{name}|{canonical_params(ds)}|outlier_exposure|train",
+                 masks=None, meta={"side": "outlier_exposure"}, dataset=name, statistics=ds.statistics,
+                 recipe_family=ds.recipe_family)
+
+
+def outlier_exposure_split(source: OutlierExposure) -> Split:
+    """The train side of ``source``'s dataset, every image labelled 1 (memoized per process)."""
+    if source.name not in DATASETS:
+        raise DataError(f"outlier exposure needs the dataset {source.name!r}, which is not registered "
+                        f"(registered: {', '.join(sorted(DATASETS)) or 'none'})")
+    return _outlier_exposure_cached(source.name, json.dumps(dict(source.params), sort_keys=True))
 
 
 def clear_memo() -> None:
@@ -442,4 +494,5 @@ def clear_memo() -> None:
     from data.datasets._arrays import clear_memo as clear_reads
     _dataset_cached.cache_clear()
     _ood_images.cache_clear()
+    _outlier_exposure_cached.cache_clear()
     clear_reads()

@@ -80,7 +80,7 @@ MAX_CACHED_SOURCES = 2
 def source_network(pretrained: bool, weights: str | None, device: str):
     """(SourceVGG in eval mode with frozen parameters, WeightsRef), built once per (weights,
     device) in this process."""
-    from methods.backbones import _read_state_dict, resolve_weights
+    from methods.backbones import read_state_dict, resolve_weights
 
     ref = resolve_weights("vgg16", pretrained, weights)
     key = (ref.id, str(device))
@@ -92,7 +92,7 @@ def source_network(pretrained: bool, weights: str | None, device: str):
         torch.manual_seed(0)  # the random source is a fixed function, not the cell's seed
         features = vgg_features()
     if ref.path is not None:
-        state = _read_state_dict(ref.path)
+        state = read_state_dict(ref.path)
         own = features.state_dict()
         sub = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         missing = [k for k in own if k not in sub]

@@ -326,14 +326,24 @@ def _head_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(n + "." for n in names + ["fc", "classifier", "head", "pre_logits", "global_pool"])
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+#: Keys under which checkpoints nest their state dict (timm / torchvision training scripts, OpenOOD's
+#: and other research code's), tried in this order.
+STATE_DICT_KEYS = ("state_dict", "model", "net", "model_state_dict", "state_dict_ema", "model_ema")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The one reader of weight files (backbones, trained classifiers, FCDD's vgg11_bn): a
+    ``.safetensors`` file or a torch file read with ``weights_only=True`` (a pickle that names any
+    other callable is refused, nothing runs); a state dict nested under one of ``STATE_DICT_KEYS``
+    is unwrapped, DataParallel's ``module.`` prefix stripped, non-tensor entries dropped."""
+    path = str(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         state = load_file(path, device="cpu")
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+    for key in STATE_DICT_KEYS:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
@@ -345,7 +355,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 def load_weights_file(model: torch.nn.Module, path: str) -> None:
     """Load a timm or torchvision checkpoint into ``model``; the classifier head may be missing or
     differ (it is never used), every other parameter and buffer must be present and match."""
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     own = model.state_dict()
     heads = _head_prefixes(model)
     use = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}

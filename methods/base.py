@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from data.base import Split
+from plugins.registry import Registry
 
 
 class MethodParams(BaseModel):
@@ -52,6 +53,20 @@ def check_finite_weights(module, epoch: int) -> None:
 
     if not all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point()):
         raise NonFiniteLoss(epoch, "weights")
+
+
+def index_batches(n: int, batch_size: int, generator=None, *, drop_single: bool = False):
+    """The one mini-batch helper: index tensors over ``n`` samples, ``batch_size`` at a time;
+    shuffled by one ``torch.randperm`` with ``generator`` (a seeded ``torch.Generator``), in order
+    without one. ``drop_single``: drop a last batch of one sample (training BatchNorm needs two)
+    unless ``n`` is 1."""
+    import torch
+
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if not drop_single or len(idx) >= 2 or n == 1:
+            yield idx
 
 
 @dataclass
@@ -197,22 +212,14 @@ class Method:
         return ()
 
 
-METHODS: dict[str, type[Method]] = {}
+#: Every method, built-in or plugin: name -> class, with each entry's source (plugins/registry.py).
+METHODS: Registry = Registry("method")
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
-    def deco(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return deco
+    """``@register("name")``: add a Method subclass to ``METHODS`` (built-ins and plugins alike)."""
+    return METHODS.register(name)
 
 
 def create(name: str, params: dict | None, ctx: RunContext) -> Method:
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
-    cls = METHODS[name]
-    return cls(cls.Params(**(params or {})), ctx)
+    return METHODS.create(name, params, ctx)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from data.base import Split
-from methods._classifier import (ClassifierParams, build_network, cosine_schedule, describe_recipe, own_checkpoint,
+from methods.classifier import (ClassifierParams, build_network, cosine_schedule, describe_recipe, own_checkpoint,
                                  predict_logits, run_training, sgd, steps_per_epoch, train_data,
                                  epoch_selector)
 from methods.base import Method, RunContext, Scores, register

@@ -2,7 +2,7 @@
 error (Ruff et al., "Deep One-Class Classification", ICML 2018, Sec. 4.1 baseline "DCAE").
 
 The autoencoder is the LeNet-type encoder of Deep SVDD plus a mirrored decoder
-(``methods._nets.MnistLeNetAE`` / ``Cifar10LeNetAE``), trained with Adam on the mean over the batch
+(``methods.deep_one_class.MnistLeNetAE`` / ``Cifar10LeNetAE``), trained with Adam on the mean over the batch
 of the per-image summed squared error ``Σ_pixels (x̂ - x)²``; the anomaly score of a test image is
 the same sum (official ``src/optim/ae_trainer.py``).
 
@@ -17,7 +17,7 @@ Defaults are the official README's (lukasruff/Deep-SVDD-PyTorch): Adam, lr 1e-4,
 ``net: fmnist_lenet`` is Deep SAD's Fashion-MNIST autoencoder on [0, 1] inputs (see ``methods.dsvdd``);
 MNIST LeNet: 150 epochs, lr ×0.1 at epoch 50, weight decay 0.5e-3; CIFAR-10 LeNet: 350 epochs,
 milestone 250, weight decay 0.5e-6. Inputs: GCN-l1 then per-class min-max scaling
-(``methods._nets.fit_normalizer``), at 28×28×1 (mnist_lenet) or 32×32×3 (cifar10_lenet).
+(``methods.deep_one_class.fit_normalizer``), at 28×28×1 (mnist_lenet) or 32×32×3 (cifar10_lenet).
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ import torch
 
 from data.base import Split
 from data.transforms import Transform, to_tensor
-from methods._nets import DSVDD_NETS, Normalizer, fit_normalizer
+from methods.deep_one_class import DSVDD_NETS, Normalizer, fit_normalizer
 from methods.base import (LearningRate, Method, MethodParams, NonFiniteLoss, RunContext, Scores, check_finite,
-                          check_finite_weights, register)
+                          check_finite_weights, index_batches, register)
 
 AE_DEFAULTS = {
     "mnist_lenet": {"ae_epochs": 150, "ae_milestones": [50], "ae_weight_decay": 0.5e-3},
@@ -66,9 +66,10 @@ class AEPretrainParams(MethodParams):
     published no Fashion-MNIST recipe) and cifar10_lenet for colour images; 'fmnist_lenet' is the
     authors' later Deep SAD Fashion-MNIST net. Images are resized to the net's input side (28 or
     32). input_norm: 'auto' = GCN-l1 + min-max for the Deep SVDD nets, none ([0, 1] pixels) for
-    fmnist_lenet, as Deep SAD. stats: 'auto' uses the official per-class
-    min/max constants when the split identifies MNIST / Fashion-MNIST / CIFAR-10 and its normal
-    class at the original geometry, else 'computed' from the normal training images after GCN.
+    fmnist_lenet, as Deep SAD. stats: 'auto' uses the per-class min/max constants the split's
+    dataset declares for its normal class (``Split.statistics``; the official ones for MNIST /
+    Fashion-MNIST / CIFAR-10) at the geometry they hold at, else 'computed' from the normal
+    training images after GCN.
     ae_epochs / ae_milestones / ae_weight_decay: None = the official value for the chosen net."""
 
     net: Literal["auto", "mnist_lenet", "cifar10_lenet", "fmnist_lenet"] = "auto"
@@ -165,12 +166,6 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.o
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=(name == "amsgrad"))
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator):
-    perm = torch.randperm(n, generator=generator)
-    for start in range(0, n, batch_size):
-        yield perm[start:start + batch_size]
-
-
 def train_autoencoder(x: torch.Tensor, recipe: DCAERecipe, seed: int, device: str,
                       log=None) -> dict:
     """Train the DCAE (uncached). Returns {'state_dict' (CPU tensors), 'loss_curve'}.
@@ -183,7 +178,7 @@ def train_autoencoder(x: torch.Tensor, recipe: DCAERecipe, seed: int, device: st
     ae.train()
     for epoch in range(1, recipe.epochs + 1):
         total, count = 0.0, 0
-        for idx in batches(len(x), recipe.batch_size, g):
+        for idx in index_batches(len(x), recipe.batch_size, g):
             xb = x[idx].to(device)
             opt.zero_grad(set_to_none=True)
             loss = ((ae(xb) - xb) ** 2).flatten(1).sum(1).mean()
@@ -241,7 +236,7 @@ class DCAE(Method):
 
     def fit(self, train: Split) -> None:
         self.inputs, x = lenet_inputs(train, self.params.net, self.params.stats, self.params.input_norm)
-        self.dataset = train.meta.get("dataset")
+        self.dataset = train.dataset or None
         self.transform = self.inputs.transform
         self.recipe = DCAERecipe.resolve(self.params, self.inputs.net)
         result = pretrain_dcae(self.ctx, train, x, self.recipe, self.inputs)

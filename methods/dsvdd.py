@@ -1,6 +1,6 @@
 """Deep SVDD (Ruff et al., "Deep One-Class Classification", ICML 2018).
 
-A bias-free network φ(·; W) (LeNet-type, ``methods._nets.MnistLeNet`` / ``Cifar10LeNet``; no bias
+A bias-free network φ(·; W) (LeNet-type, ``methods.deep_one_class.MnistLeNet`` / ``Cifar10LeNet``; no bias
 terms and no affine batch-norm parameters, Sec. 3.3 Prop. 2, no bounded final activation, Prop. 3)
 maps images into a feature space where normal data should concentrate around a centre c.
 
@@ -15,8 +15,9 @@ maps images into a feature space where normal data should concentrate around a c
   an exact 0 stays 0 as there).
 * Pre-training: the DCAE of ``methods.dcae`` (shared through the worker cache with the ``dcae``
   method); its encoder initialises φ.
-* Inputs: GCN-l1 then per-class min-max scaling to [0, 1] (Sec. 4.1) with the official constants
-  where the split identifies the dataset and class, else computed from the normal training images.
+* Inputs: GCN-l1 then per-class min-max scaling to [0, 1] (Sec. 4.1) with the constants the split's
+  dataset declares for its normal class (``Split.statistics``: the official ones for MNIST and
+  CIFAR-10), else computed from the normal training images.
 * Fashion-MNIST: the paper has no Fashion-MNIST experiment and the official code no recipe for it;
   ``net: auto`` uses the MNIST LeNet with GCN + min-max (Fashion-MNIST's official fcdd constants).
   ``net: fmnist_lenet`` is the authors' later Deep SAD recipe (lukasruff/Deep-SAD-PyTorch
@@ -36,10 +37,10 @@ import torch
 from pydantic import Field
 
 from data.base import Split
-from methods._nets import DSVDD_NETS
+from methods.deep_one_class import DSVDD_NETS
 from methods.base import (LearningRate, Method, NonFiniteLoss, RunContext, Scores, check_finite, check_finite_weights,
-                          register)
-from methods.dcae import (AEPretrainParams, DCAERecipe, LeNetInputs, batches, lenet_inputs,
+                          index_batches, register)
+from methods.dcae import (AEPretrainParams, DCAERecipe, LeNetInputs, lenet_inputs,
                           make_optimizer, pretrain_dcae, recipe_affinity, recipe_label, seeded)
 
 
@@ -97,7 +98,7 @@ class DeepSVDD(Method):
     def fit(self, train: Split) -> None:
         p, ctx = self.params, self.ctx
         self.inputs, x = lenet_inputs(train, p.net, p.stats, p.input_norm)
-        self.dataset = train.meta.get("dataset")
+        self.dataset = train.dataset or None
         self.transform = self.inputs.transform
         net_cls = DSVDD_NETS[self.inputs.net][0]
         self.net = seeded(ctx.seed, net_cls).to(ctx.device)
@@ -117,7 +118,7 @@ class DeepSVDD(Method):
         self.net.train()
         for epoch in range(1, p.epochs + 1):
             total, count = 0.0, 0
-            for idx in batches(len(x), p.batch_size, g):
+            for idx in index_batches(len(x), p.batch_size, g):
                 xb = x[idx].to(ctx.device)
                 opt.zero_grad(set_to_none=True)
                 dist = ((self.net(xb) - self.c) ** 2).sum(dim=1)

@@ -1,7 +1,7 @@
 """FCDD: Fully Convolutional Data Description (Liznerski et al., "Explainable Deep One-Class
 Classification", ICLR 2021; official code github.com/liznerski/fcdd).
 
-A fully convolutional network φ (no dense layers, ``methods._nets.FCDDNet``) maps an image X to a
+A fully convolutional network φ (no dense layers, ``methods.deep_one_class.FCDDNet``) maps an image X to a
 low-resolution map; its pseudo-Huber transform A(X) = sqrt(φ(X)² + 1) − 1 is the anomaly heatmap.
 
 * Objective (Eq. 2, the HSC loss of Eq. 1 applied to the ℓ1-mean of A):
@@ -14,14 +14,14 @@ low-resolution map; its pseudo-Huber transform A(X) = sqrt(φ(X)² + 1) − 1 is
 * Anomalies during training (``anomaly_source``, default ``auto`` = the official runner config's):
   outlier exposure with another dataset (``oe_dataset``, default CIFAR-100, greyed with luma weights
   for grey images: the paper's Fashion-MNIST / CIFAR-10 setting, ``auto`` at 28 / 32 px; see
-  ``methods._fcdd_common`` for the ``set_outlier_exposure`` hook), confetti noise on normal images
+  ``methods.fcdd_family`` for the ``set_outlier_exposure`` hook), confetti noise on normal images
   (the paper's MVTec-AD setting, ``auto`` at 224 px; needs no other data), semi-supervised with a
   few true anomalies (``set_true_anomalies`` / train rows with label 1), or none. Each training
   image is replaced by an anomaly with probability 0.5 (the official online supervisor).
 * Networks (``net``): cnn28_w (Fashion-MNIST), cnn28, cnn32_lw3k (CIFAR-10), cnn32_s,
   vgg11_224 (MVTec-AD: VGG11-BN blocks 1-4 with ImageNet weights, blocks 1-3 frozen; needs
   ``pretrained`` weights, tests use ``pretrained: false``); 'auto' picks by input size.
-* Defaults per input size = the official runner configs (``methods._fcdd_common.FAMILIES``),
+* Defaults per input size = the official runner configs (``methods.fcdd_family.FAMILIES``),
   including the MVTec-AD recipe's 10 passes over the training set per epoch (``enlarge``).
 
 Reference: liznerski/fcdd@4fa850215792b5f4a3405151e30127a5b67dc3b6: python/fcdd/runners/argparse_configs.py, python/fcdd/training/fcdd.py,
@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from methods._fcdd_common import (FCDDFamily, FCDDSupervisedParams, fcdd_gt_losses, fcdd_losses,
+from methods.fcdd_family import (FCDDFamily, FCDDSupervisedParams, fcdd_gt_losses, fcdd_losses,
                                   pseudo_huber)
-from methods._nets import FCDDNet, receptive_upsample
+from methods.deep_one_class import FCDDNet, receptive_upsample
 from methods.base import register
 
 

@@ -1,6 +1,6 @@
 """AE baseline of the FCDD paper (Liznerski et al., ICLR 2021, Sec. 4 "explanation baselines";
 the autoencoder column of its Fashion-MNIST table): an hourglass autoencoder whose encoder is the
-HSC baseline's network (``methods._nets.FCDDAutoencoder``: AE28 / AE28_W / AE32 / AE32_LW3K /
+HSC baseline's network (``methods.deep_one_class.FCDDAutoencoder``: AE28 / AE28_W / AE32 / AE32_LW3K /
 AE224_VGG of the official code), trained without anomalies (the official baseline sets
 supervise_mode 'unsupervised') on the mean squared reconstruction error.
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from methods._fcdd_common import FCDDCommonParams, FCDDFamily, auto_fcdd_net
-from methods._nets import FCDDAutoencoder, gaussian_blur
+from methods.fcdd_family import FCDDCommonParams, FCDDFamily, auto_fcdd_net
+from methods.deep_one_class import FCDDAutoencoder, gaussian_blur
 from methods.base import register
 
 _AUTO = {"cnn28_w": "ae28", "cnn32_lw3k": "ae32_lw3k", "vgg11_224": "ae224_vgg"}

@@ -1,6 +1,6 @@
 """HSC baseline of the FCDD paper (Liznerski et al., ICLR 2021, Sec. 4 "explanation baselines";
 hypersphere classifier of Ruff et al., 2020): the FCDD convolutional blocks followed by dense
-layers that pool the spatial map into one feature vector z = φ(X) (``methods._nets.HSCNet``:
+layers that pool the spatial map into one feature vector z = φ(X) (``methods.deep_one_class.HSCNet``:
 CNN28 / CNN28_W / CNN32 / CNN32_LW3K / CNN224_VGG of the official code).
 
 * Objective (Eq. 1): 1/n Σ_i (1 − y_i) h(φ(X_i)) − y_i log(1 − exp(−h(φ(X_i)))), with the
@@ -11,7 +11,7 @@ CNN28 / CNN28_W / CNN32 / CNN32_LW3K / CNN224_VGG of the official code).
   ``get_grad_heatmap``), at the input size; ``blur_heatmaps`` additionally blurs them with the
   Gaussian of the corresponding FCDD net's receptive field (the paper's figures; the official AUROC
   code uses the unblurred gradients, hence off by default).
-* Defaults per input size as FCDD's (``methods._fcdd_common.FAMILIES``: anomaly source, schedule,
+* Defaults per input size as FCDD's (``methods.fcdd_family.FAMILIES``: anomaly source, schedule,
   ``enlarge``).
 
 Reference: liznerski/fcdd@4fa850215792b5f4a3405151e30127a5b67dc3b6: python/fcdd/training/hsc.py, python/fcdd/models/shallow_cnn_*.py,
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from methods._fcdd_common import FCDDFamily, FCDDSupervisedParams, hsc_losses
-from methods._nets import HSCNet, gaussian_blur
+from methods.fcdd_family import FCDDFamily, FCDDSupervisedParams, hsc_losses
+from methods.deep_one_class import HSCNet, gaussian_blur
 from methods.base import register
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from data.base import Split
-from methods._classifier import ClassifierParams, PostHocMethod
+from methods.classifier import ClassifierParams, PostHocMethod
 from methods.base import RunContext, Scores, register
 
 EPS = 1e-6

@@ -34,8 +34,8 @@ last saved and evaluated model is the one after index 50 / 200 / 600, i.e. after
 passes: the presets' values. Its trailing pass is never saved or evaluated;
 ``extra_final_epoch: true`` runs it anyway (num_epochs + 1 passes, the loop's last in-memory model).
 
-Per-dataset settings (``preset``; ``auto`` picks by the dataset name of the train split, else by
-its geometry): official ``configs/config.yaml`` and ``dataloader.py``, paper Sec. 4.1:
+Per-dataset settings (``preset``; ``auto`` picks by the recipe family the train split's dataset
+declares, else by its geometry): official ``configs/config.yaml`` and ``dataloader.py``, paper Sec. 4.1:
 
 ==========  ===========================  ==============  ======  ======
 preset      input                        normalisation   epochs  lamda
@@ -69,9 +69,8 @@ PRESETS = {
     "cifar10": dict(image_size=256, crop=224, normalize=True, epochs=201, lamda=0.01),
     "mvtec": dict(image_size=128, crop=None, normalize=False, epochs=601, lamda=0.5),
 }
-DATASET_PRESET = {"mnist": "mnist", "fashion_mnist": "mnist", "mnist5k": "mnist", "digits": "mnist",
-                  "cifar10": "cifar10", "cifar100": "cifar10", "svhn": "cifar10",
-                  "mvtec": "mvtec", "synthetic": "mvtec", "folder": "mvtec"}
+#: The preset for a dataset's declared ``recipe_family`` (``data.base.Split.recipe_family``).
+FAMILY_PRESET = {"mnist": "mnist", "cifar10": "cifar10", "cifar_like": "cifar10", "mvtec": "mvtec"}
 ELLIPSE_3X3 = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)  # cv2 MORPH_ELLIPSE (3, 3)
 
 
@@ -133,11 +132,10 @@ def kd_losses(src: list[torch.Tensor], clo: list[torch.Tensor], lamda: float,
 
 
 def auto_preset(split: Split) -> str:
-    """The preset for a train split: by dataset name, else masks/size -> mvtec, grey -> mnist,
-    colour -> cifar10."""
-    name = split.meta.get("dataset")
-    if name in DATASET_PRESET:
-        return DATASET_PRESET[name]
+    """The preset for a train split: by the recipe family its dataset declares, else masks/size ->
+    mvtec, grey -> mnist, colour -> cifar10."""
+    if split.recipe_family in FAMILY_PRESET:
+        return FAMILY_PRESET[split.recipe_family]
     if split.masks is not None:
         return "mvtec"
     first = np.asarray(split.images[0])

@@ -54,7 +54,7 @@ from pydantic import Field, model_validator
 
 from data.base import Split
 from data.datasets.cifar100 import COARSE_CLASSES, COARSE_OF_FINE, FINE_CLASSES
-from methods._classifier import (BiTResNet, ClassifierParams, build_network, classifier_affinity, describe_recipe,
+from methods.classifier import (BiTResNet, ClassifierParams, build_network, classifier_affinity, describe_recipe,
                                  load_bit_npz, load_state, read_state_dict, resolve_checkpoint, run_training,
                                  sgd, sha256_file, shared_classifier, predict_logits, train_data,
                                  epoch_selector)
@@ -136,7 +136,7 @@ def choose_groups(p: "MOSParams", train: Split, num_classes: int) -> tuple[list[
     if p.groups is not None or p.n_groups is not None:
         source = "groups param" if p.groups is not None else f"n_groups={p.n_groups} contiguous"
         return resolve_groups(p.groups, p.n_groups or FALLBACK_GROUPS, num_classes), source
-    dataset = str((train.meta or {}).get("dataset", "")).lower()
+    dataset = train.dataset
     declared = dataset_groups(dataset, list(train.class_names))
     if declared is not None and len(declared) <= num_classes:
         return declared, f"declared for {dataset} (methods/mos.py DATASET_GROUPS)"

@@ -6,7 +6,7 @@ sample is its maximum softmax probability, max_k softmax(f(x))_k (Sec. 2), and a
 flags an OOD sample. Here the anomaly score is its negation, s(x) = −max_k softmax(f(x))_k, so
 higher = more OOD. ``pred`` is the classifier's arg-max class.
 
-The classifier is the shared one of ``methods._classifier`` (OpenOOD v1.5 recipe: ResNet-18 32×32,
+The classifier is the shared one of ``methods.classifier`` (OpenOOD v1.5 recipe: ResNet-18 32×32,
 100 epochs, SGD 0.1 / 0.9 / 5e-4, cosine, batch 128), trained once per (split, recipe, seed) in
 the worker cache and reused by Gram, OpenMax and MOS; or loaded from ``checkpoint``. OpenOOD's
 postprocessor (``openood/postprocessors/base_postprocessor.py``: softmax, max) is the same.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 
 from data.base import Split
-from methods._classifier import ClassifierParams, PostHocMethod, softmax_np
+from methods.classifier import ClassifierParams, PostHocMethod, softmax_np
 from methods.base import Scores, register
 
 

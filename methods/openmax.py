@@ -33,7 +33,7 @@ from pydantic import Field
 from scipy import stats
 
 from data.base import Split
-from methods._classifier import ClassifierParams, PostHocMethod
+from methods.classifier import ClassifierParams, PostHocMethod
 from methods.base import RunContext, Scores, register
 
 TRANSLATE_AMOUNT = 1.0   # libmr.MR() default in the Python wrapper (python/libmr.pyx)

@@ -25,7 +25,7 @@ from pydantic import field_validator
 
 from data.base import Split
 from methods.backbones import FrozenFeatureMethod, FrozenFeatureParams, anomaly_maps
-from methods.base import Scores, register
+from methods.base import Scores, index_batches, register
 
 # Sec. 3.1 / Table 1 of the paper.
 D_DEFAULTS = {"resnet18": 100, "wide_resnet50_2": 550}
@@ -134,9 +134,9 @@ class MahalanobisMapMethod(FrozenFeatureMethod):
         if self.layer_dims is None:
             self.layer_dims = [int(feats[layer].shape[1]) for layer in self.params.layers]
         bs = self.params.batch_size
-        n = len(split) if rows is None else len(rows)
-        for s in range(0, n, bs):
-            pick = slice(s, s + bs) if rows is None else torch.from_numpy(rows[s:s + bs])
+        order = None if rows is None else torch.from_numpy(np.asarray(rows))
+        for idx in index_batches(len(split) if rows is None else len(rows), bs):
+            pick = idx if order is None else order[idx]
             yield self.embed([feats[layer][pick].to(self.ctx.device) for layer in self.params.layers])
 
     def distance_maps(self, test: Split) -> torch.Tensor:

@@ -60,9 +60,9 @@ ALIGN_CHUNK = 256  # images per backbone pass when building aligned features (bo
 
 
 def dataset_setting(split: Split) -> str:
-    """The official setting a split belongs to: "cifar10" for CIFAR-10, else "mvtec" (defect data)."""
-    name = str(split.meta.get("dataset") or split.key.split("|")[0]).lower()
-    return "cifar10" if name in ("cifar10", "cifar-10", "cifar_10") else "mvtec"
+    """The official setting a split belongs to: "cifar10" for a dataset of the CIFAR-10 recipe
+    family (``Split.recipe_family``), else "mvtec" (defect data)."""
+    return "cifar10" if split.recipe_family == "cifar10" else "mvtec"
 
 
 class UniADParams(MethodParams):

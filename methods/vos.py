@@ -47,7 +47,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from data.base import Split
-from methods._classifier import (ClassifierParams, build_network, cosine_schedule, describe_recipe, own_checkpoint,
+from methods.classifier import (ClassifierParams, build_network, cosine_schedule, describe_recipe, own_checkpoint,
                                  predict_logits, run_training, sgd, steps_per_epoch, train_data,
                                  argmax_of, epoch_selector)
 from methods.base import Method, RunContext, Scores, register

@@ -114,8 +114,48 @@ def ood_setting(tests) -> dict:
             "ood_list_per_set": lists, "ood_resize": {m.get("ood_set"): m.get("ood_resize") for m in metas}}
 
 
+class ScoreContractError(ValueError):
+    """A method's ``score`` broke the contract: not one finite image score per test image."""
+
+
+def check_scores(scores, n: int) -> None:
+    """What ``score`` returned must be a ``Scores`` with one finite image score per test image (and,
+    where given, one finite map / prediction per image); raise ScoreContractError saying which not."""
+    from methods.base import Scores
+
+    if not isinstance(scores, Scores):
+        raise ScoreContractError(f"score returned {type(scores).__name__}, not methods.base.Scores")
+    image = np.asarray(scores.image)
+    if image.ndim != 1 or image.dtype == bool or not np.issubdtype(image.dtype, np.number):
+        raise ScoreContractError(f"score returned image scores of shape {image.shape} and dtype {image.dtype} "
+                                 f"for {n} test images (expected {n} numbers)")
+    if len(image) != n:
+        raise ScoreContractError(f"score returned {len(image)} image scores for {n} test images")
+    bad = int((~np.isfinite(image.astype(np.float64))).sum())
+    if bad:
+        raise ScoreContractError(f"score returned {bad} non-finite image scores (NaN or inf) of {n}")
+    for what, value in (("pixel maps", scores.pixel), ("predictions", scores.pred)):
+        if value is None:
+            continue
+        arr = np.asarray(value) if not isinstance(value, list) else value
+        if len(arr) != n:
+            raise ScoreContractError(f"score returned {len(arr)} {what} for {n} test images")
+        if what == "pixel maps":
+            bad = int(sum((~np.isfinite(np.asarray(m, dtype=np.float64))).sum() for m in arr))
+            if bad:
+                raise ScoreContractError(f"score returned {bad} non-finite pixel scores (NaN or inf)")
+
+
+def method_source(name: str) -> str | None:
+    """Where the method's code came from: "builtin", "file:NAME@sha256:HEX", "package:DIST==VERSION"."""
+    from methods.base import METHODS
+
+    return METHODS.source(name)
+
+
 def base_row(cell: Cell, run_id: str, attempt: int) -> dict:
     return {"run_id": run_id, "cell_id": cell.cell_id, "base_cell_id": cell.cell_id,
+            "method_source": method_source(cell.method),
             "method": cell.method, "params": canonical(cell.params), "dataset": cell.dataset,
             "dataset_params": canonical(cell.dataset_params), "protocol": cell.protocol,
             "normal_class": cell.class_label, "seed": cell.seed, "attempt": attempt,
@@ -141,6 +181,7 @@ def run_cell(cell: Cell, *, run_id: str = "", attempt: int = 1, device: str = "c
     from methods import create
     from methods.base import ArtifactCache, RunContext
     from metrics import evaluate
+    from plugins.loader import ensure_loaded
 
     started, t0 = _now(), time.perf_counter()
     reset_peak_rss()
@@ -151,8 +192,10 @@ def run_cell(cell: Cell, *, run_id: str = "", attempt: int = 1, device: str = "c
         ctx.log = log
     rows: list[dict] = []
     try:
+        ensure_loaded(cell.plugins)  # a worker imports the grid's plugins before its first cell
         train, tests = make_splits(cell.dataset, cell.dataset_params, cell.protocol, cell.normal_class,
-                                   ood=list(cell.ood) or None, ood_params=cell.ood_params, seed=cell.seed)
+                                   ood=list(cell.ood) or None, ood_params=cell.ood_params,
+                                   outlier_exposure=cell.outlier_exposure or None, seed=cell.seed)
         seed_everything(cell.seed)
         method = create(cell.method, cell.params, ctx)
         t_fit = time.perf_counter()
@@ -162,6 +205,7 @@ def run_cell(cell: Cell, *, run_id: str = "", attempt: int = 1, device: str = "c
             t_score = time.perf_counter()
             scores = method.score(test)
             score_s = time.perf_counter() - t_score
+            check_scores(scores, len(test))
             masks_small = None
             if scores.pixel is not None and test.masks is not None:
                 t = method.transform

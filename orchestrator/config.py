@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 ClassItem = Union[int, str, list[Union[int, str]]]
 #: libyaml's safe loader where PyYAML was built with it (a grid of 100,000 seeds parses ~6x faster),
@@ -64,8 +64,22 @@ class MethodEntry(BaseModel):
         return merged
 
 
+class OutlierExposureEntry(BaseModel):
+    """The outlier-exposure set of a dataset entry (FCDD's ``anomaly_source: oe``): a registered
+    dataset whose train side the data layer provides; keys other than ``name`` are its params."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class DatasetEntry(BaseModel):
-    """A dataset with its protocol; keys other than these are the dataset's own params (root...)."""
+    """A dataset with its protocol; keys other than these are the dataset's own params (root...).
+    ``outlier_exposure``: the set a method that asks for outlier exposure gets (see
+    ``data.protocols.outlier_exposure_source``); it enters a cell's identity only when given."""
 
     model_config = ConfigDict(extra="allow")
     name: str
@@ -73,6 +87,13 @@ class DatasetEntry(BaseModel):
     classes: Union[Literal["all"], list[ClassItem]] = "all"
     ood: list[str] = Field(default_factory=list)
     ood_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    outlier_exposure: OutlierExposureEntry | None = None
+
+    @property
+    def outlier_exposure_spec(self) -> dict[str, Any]:
+        """``{name, **params}`` of the outlier-exposure set, {} when the entry names none."""
+        oe = self.outlier_exposure
+        return {"name": oe.name, **oe.params} if oe is not None else {}
 
     @property
     def params(self) -> dict[str, Any]:
@@ -101,6 +122,15 @@ class GridConfig(BaseModel):
     datasets: list[DatasetEntry] = Field(min_length=1)
     methods: list[MethodEntry] = Field(min_length=1)
     exclude: list[ExcludeRule] = Field(default_factory=list)
+    #: plugin files (relative to the grid file) or module names whose methods / datasets the grid uses
+    plugins: list[str] = Field(default_factory=list)
+    # the loaded plugins (the grid's and the installed entry points) as specs the cells carry to the
+    # workers (plugins.loader.PluginSpec); set by load_grid
+    _plugin_specs: tuple = PrivateAttr(default=())
+
+    @property
+    def plugin_specs(self) -> tuple:
+        return self._plugin_specs
 
     @field_validator("seeds")
     @classmethod
@@ -175,8 +205,37 @@ def load_grid(path: str | Path) -> GridConfig:
         grid = GridConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: invalid grid\n" + _pydantic_message("", e, GridConfig.model_fields)) from None
+    grid._plugin_specs = load_plugins(grid.plugins, path.parent, str(path))
     check_names(grid, str(path))
     return grid
+
+
+def load_grid_plugins(path: str | Path) -> tuple:
+    """Only the plugins of a grid file (for ``bench.py list GRID``: no data needs to be present)."""
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=SAFE_LOADER)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such grid file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    entries = raw.get("plugins", []) if isinstance(raw, dict) else []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: plugins must be a list of .py files or module names, got {entries!r}")
+    return load_plugins(entries, path.parent, str(path))
+
+
+def load_plugins(entries: list[str], base_dir: Path, where: str = "grid") -> tuple:
+    """Load the installed entry points and the grid's plugins into the registries (before names are
+    checked); a bad plugin is a ConfigError naming it. Returns the specs the cells carry."""
+    from plugins.loader import PluginError, entry_point_specs, load_all, resolve
+
+    try:
+        specs = entry_point_specs() + resolve(entries, base_dir)
+        load_all(specs)
+    except PluginError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return tuple(specs)
 
 
 def check_names(grid: GridConfig, where: str = "grid") -> None:
@@ -230,6 +289,17 @@ def check_names(grid: GridConfig, where: str = "grid") -> None:
         for j, o in enumerate(d.ood):
             if o not in DATASETS:
                 problems.append(f"datasets[{i}] ({d.name}).ood[{j}]: unknown dataset {_choices(o, DATASETS)}")
+        if d.outlier_exposure is not None:
+            oe = d.outlier_exposure
+            if oe.name not in DATASETS:
+                problems.append(f"datasets[{i}] ({d.name}).outlier_exposure.name: unknown dataset "
+                                f"{_choices(oe.name, DATASETS)}")
+            else:
+                try:
+                    DATASETS[oe.name].Params(**oe.params)
+                except ValidationError as e:
+                    problems.append(_pydantic_message(f"datasets[{i}] ({d.name}).outlier_exposure ({oe.name})", e,
+                                                      set(DATASETS[oe.name].Params.model_fields) | {"name"}))
         if d.ood and d.protocol != "ood":
             problems.append(f"datasets[{i}] ({d.name}).ood: only the ood protocol takes OOD sets")
         try:

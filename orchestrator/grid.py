@@ -49,6 +49,10 @@ class Cell:
     ood: tuple = ()
     ood_params: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)
+    outlier_exposure: dict = field(default_factory=dict)  # {name, **params} of the entry's OE set
+    # the grid's plugins (plugins.loader.PluginSpec dicts): a worker loads them before the cell; not
+    # part of the identity (a method's source is recorded in its rows, ``method_source``)
+    plugins: tuple = ()
 
     @property
     def identity(self) -> dict:
@@ -63,6 +67,8 @@ class Cell:
         ood_content = {name: params for name, params in ood_content.items() if params}
         if ood_content:   # an OOD image list or resize rule changes what the cell measures
             ident["ood_params"] = ood_content
+        if self.outlier_exposure:   # only when set: cells of grids without it keep their ids
+            ident["outlier_exposure"] = {k: v for k, v in self.outlier_exposure.items() if k not in LOCATION_PARAMS}
         return ident
 
     @functools.cached_property
@@ -96,6 +102,7 @@ class Cell:
         d = {name: values[name] for name in _FIELDS}   # the fields, not the cached properties
         d["normal_class"] = list(self.normal_class) if isinstance(self.normal_class, tuple) else self.normal_class
         d["ood"] = list(self.ood)
+        d["plugins"] = [p.to_dict() if hasattr(p, "to_dict") else dict(p) for p in self.plugins]
         return d
 
     @classmethod
@@ -104,6 +111,7 @@ class Cell:
         if isinstance(d["normal_class"], list):
             d["normal_class"] = tuple(d["normal_class"])
         d["ood"] = tuple(d.get("ood", ()))
+        d["plugins"] = tuple(d.get("plugins", ()))
         return cls(**d)
 
     def describe(self) -> str:
@@ -214,6 +222,7 @@ def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expans
     cells: list[Cell] = []
     dropped: list[tuple[str, str]] = []
     seen: set[str] = set()
+    plugins = tuple(spec.to_dict() for spec in grid.plugin_specs)
     for d in grid.datasets:
         if d.protocol in ("unified", "ood") and d.classes == "all":
             normal_classes = ["all"]
@@ -221,6 +230,7 @@ def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expans
             normal_classes = resolve_classes(d.name, d.params, d.classes)
         # shared by all cells of this entry (a Cell's dicts are never changed in place)
         dataset_params, ood, ood_params = d.params, tuple(d.ood), d.ood_params
+        outlier_exposure = d.outlier_exposure_spec
         for m in grid.methods:
             method_cls = METHODS[m.name]
             if d.protocol not in method_cls.protocols:
@@ -236,7 +246,8 @@ def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expans
                 def make(normal_class, seed) -> Cell:
                     return Cell(method=m.name, params=resolved, dataset=d.name, dataset_params=dataset_params,
                                 protocol=d.protocol, normal_class=normal_class, seed=seed, ood=ood,
-                                ood_params=ood_params, resources=resources)
+                                ood_params=ood_params, resources=resources, outlier_exposure=outlier_exposure,
+                                plugins=plugins)
 
                 template = _IdTemplate(make(_CLASS_SLOT, _SEED_SLOT))
                 for normal_class in normal_classes:

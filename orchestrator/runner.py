@@ -127,14 +127,15 @@ def _loopback_node(ip: str):
 
 
 def start_ray(address: str | None = None, node_ip: str = DEFAULT_NODE_IP, num_cpus: int | None = None,
-              dashboard: bool = True, log_to_driver: bool = False) -> str | None:
+              dashboard: bool = True, log_to_driver: bool = False, py_modules: list[str] | None = None) -> str | None:
     """Start a local Ray on a loopback node address, or connect to ``address`` (or the cluster a
     ``ray job submit`` driver runs in). Returns the dashboard URL where there is one.
 
     On the default node address 127.0.0.1 every socket of the local Ray listens on loopback alone
     (``_loopback_node``; tests/test_runner.py::test_a_local_run_listens_on_loopback_only); any other
     ``node_ip`` makes Ray's servers listen on every interface. Ray's token file is kept 0600
-    (``private_auth_token``)."""
+    (``private_auth_token``). ``py_modules``: the grid's plugin files and packages
+    (``plugins.loader.ship_paths``), shipped to a cluster's workers with the job."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -148,6 +149,8 @@ def start_ray(address: str | None = None, node_ip: str = DEFAULT_NODE_IP, num_cp
             # workers on other nodes need this code: ship the repository as the working dir
             runtime_env = {"working_dir": repo,
                            "excludes": ["results/", ".git/", "**/__pycache__/", "reports/reproductions/"]}
+            if py_modules:
+                runtime_env["py_modules"] = list(py_modules)
         ctx = ray.init(address=address or None, runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
         private_auth_token(create=True)

@@ -18,6 +18,7 @@ from reports.bootstrap import BOOTSTRAP_METRICS, LEVEL, N_RESAMPLES, Distributio
 from reports.compare import MIN_CHANGE, compare_runs
 from reports.cost import cost_table, run_summary
 from reports.document import Bullets, Code, Heading, Image, Paragraph, Table, html_page, markdown
+from reports.provenance import provenance_blocks
 from reports.expected import EXPECTED_CSV, LOWER_IS_BETTER, OOD_GROUPS, load_expected
 from reports.rows import annotate, column_order, read_rows
 from reports.tables import failures, leaderboards, reproduction, row_distributions
@@ -97,7 +98,7 @@ def _write_report(run_dir: Path, folder: Path, compare, tolerance: float, expect
     figures = make_plots(rows, tables, tolerance, folder)
     context = {"run": run_dir, "summary": run_summary(rows), "tolerance": tolerance, "compare": compare,
                "n_resamples": n_resamples, "min_change": min_change, "expected_path": Path(expected_path),
-               "extra_expected": [Path(p) for p in extra_expected]}
+               "extra_expected": [Path(p) for p in extra_expected], "provenance": provenance_blocks(rows)}
     blocks = report_blocks(tables, figures, context)
     (folder / "report.md").write_text(markdown(blocks), encoding="utf-8")
     (folder / "report.html").write_text(html_page(blocks, f"adgrid report: {run_dir.name}", folder),
@@ -440,7 +441,7 @@ def compare_blocks(tables: dict, context: dict) -> list:
 def report_blocks(tables: dict, figures: dict, context: dict) -> list:
     refs = References()
     boards = tables["leaderboard"]
-    blocks = summary_blocks(context) + reproduction_blocks(tables["reproduction"], refs)
+    blocks = summary_blocks(context) + context.get("provenance", []) + reproduction_blocks(tables["reproduction"], refs)
     blocks.append(Heading("Leaderboards"))
     if boards.empty:
         blocks.append(Paragraph("No finished ok cell with a metric yet."))

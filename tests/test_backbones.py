@@ -311,8 +311,8 @@ class _RunsShell:
                                     "vgg11_bn download"])
 def test_weight_files_are_read_without_running_code(empty_caches, monkeypatch, loader):
     """Every torch file a grid can name (or a download can leave) goes through torch.load(weights_only=True)."""
-    import methods._classifier as C
-    import methods._nets as N
+    import methods.classifier as C
+    import methods.deep_one_class as N
 
     marker = empty_caches / "marker"
     crafted = empty_caches / "crafted.pth"
@@ -322,7 +322,7 @@ def test_weight_files_are_read_without_running_code(empty_caches, monkeypatch, l
         torch.save({"features.0.weight": _RunsShell(marker)}, dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    read = {"backbone weights": lambda: B._read_state_dict(str(crafted)),
+    read = {"backbone weights": lambda: B.read_state_dict(str(crafted)),
             "classifier checkpoint": lambda: C.read_state_dict(crafted),
             "vgg11_bn weights": lambda: N.load_vgg11_bn_state(str(crafted)),
             "vgg11_bn download": lambda: N.load_vgg11_bn_state(None)}[loader]

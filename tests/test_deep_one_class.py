@@ -17,9 +17,12 @@ from sklearn.metrics import roc_auc_score
 import methods
 import methods.dcae as dcae_mod
 from data.base import Split
-from methods._fcdd_common import (confetti_noise, fcdd_gt_losses, fcdd_losses, hsc_losses, malform,
+from data.datasets.cifar10 import CIFAR10
+from data.datasets.fashion_mnist import FashionMNIST
+from data.datasets.mnist import MNIST
+from methods.fcdd_family import (confetti_noise, fcdd_gt_losses, fcdd_losses, hsc_losses, malform,
                                   pseudo_huber)
-from methods._nets import (FCDDNet, Reception, fit_normalizer, gcn_l1, identify_split,
+from methods.deep_one_class import (FCDDNet, Reception, declared_class_statistics, fit_normalizer, gcn_l1,
                            receptive_upsample)
 from methods.base import ArtifactCache, NonFiniteLoss, RunContext, create
 from methods.dsvdd import init_center, radius_from_distances
@@ -120,7 +123,7 @@ def test_dsvdd_one_class_trains_and_detects(digits):
 
 def test_dsvdd_network_is_bias_free_and_centre_eps_rule(digits):
     for net in ("mnist_lenet", "cifar10_lenet"):
-        encoder, ae = methods._nets.DSVDD_NETS[net]
+        encoder, ae = methods.deep_one_class.DSVDD_NETS[net]
         for module in (encoder(), ae().encoder):
             assert not [n for n, _ in module.named_parameters() if "bias" in n]
     c = init_center(torch.tensor([0.05, -0.05, 0.2, -0.3, 0.0, 0.1, -0.099]), eps=0.1)
@@ -174,14 +177,16 @@ def test_dcae_trains_and_detects(digits):
 
 
 def fmnist_like(digits):
-    """digits at 28 px labelled as Fashion-MNIST class 0 (what ``identify_split`` reads)."""
+    """digits at 28 px labelled as Fashion-MNIST class 0, with what Fashion-MNIST declares (the
+    typed fields ``data.protocols.make_splits`` fills)."""
     train, test = make_splits(digits)
-    names = ["T-shirt/top"] + NAMES[1:]
-    meta = {"dataset": "fashion_mnist"}
+    names = list(FashionMNIST.CLASSES)
+    declared = dict(dataset="fashion_mnist", normal_classes=(names[0],), statistics=FashionMNIST.statistics,
+                    recipe_family=FashionMNIST.recipe_family)
     return (Split(images=train.images, labels=train.labels, targets=train.targets, class_names=names,
-                  key="fashion_mnist:0|train", meta=meta),
+                  key="fashion_mnist:0|train", **declared),
             Split(images=test.images, labels=test.labels, targets=test.targets, class_names=names,
-                  key="fashion_mnist:0|test", meta=meta))
+                  key="fashion_mnist:0|test", **declared))
 
 
 def test_fashion_mnist_auto_recipe_unchanged_and_deep_sad_recipe_labelled(digits):
@@ -216,7 +221,7 @@ def test_fashion_mnist_auto_recipe_unchanged_and_deep_sad_recipe_labelled(digits
 
 def test_deep_sad_fmnist_lenet_layout():
     """Deep-SAD-PyTorch src/networks/fmnist_LeNet.py: shapes of every weight, bias-free, 28 -> 64 -> 28."""
-    ae = methods._nets.FmnistLeNetAE().eval()
+    ae = methods.deep_one_class.FmnistLeNetAE().eval()
     shapes = {k: tuple(v.shape) for k, v in ae.state_dict().items() if k.endswith("weight")}
     assert shapes == {"encoder.conv1.weight": (16, 1, 5, 5), "encoder.conv2.weight": (32, 16, 5, 5),
                       "encoder.fc1.weight": (128, 1568), "encoder.fc2.weight": (64, 128),
@@ -286,27 +291,39 @@ def test_non_finite_loss_ends_the_cell(digits, name, params):
         create(name, params, RunContext(seed=0)).fit(train)
 
 
-def test_official_constants_used_when_split_identifies_dataset():
+def _declared_split(imgs, dataset_cls, normal: tuple, key: str = "x") -> Split:
+    return Split(images=imgs, labels=np.zeros(len(imgs), np.int64), targets=np.zeros(len(imgs), np.int64),
+                 class_names=list(dataset_cls.CLASSES), key=key, dataset=dataset_cls.name, normal_classes=normal,
+                 statistics=dataset_cls.statistics, recipe_family=dataset_cls.recipe_family)
+
+
+def test_official_constants_used_where_the_dataset_declares_them():
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 255, (8, 28, 28, 1), dtype=np.uint8)
-    split = Split(images=imgs, labels=np.zeros(8, np.int64), targets=np.full(8, 3), class_names=NAMES,
-                  key="mnist|one_class|3|train")
-    assert identify_split(split) == ("mnist", 3)
+    split = _declared_split(imgs, MNIST, ("3",))
+    assert declared_class_statistics(split, (28, 28), 1)[1] == "official constants mnist/3"
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
     n = fit_normalizer("gcn_minmax", x, split, "auto", raw_hw=(28, 28), raw_channels=1)
     assert n.lo == (-0.7645772083211267,) and n.hi == (12.895051191467457,) and "official" in n.source
     assert "computed" in fit_normalizer("gcn_minmax", x, split, "computed", (28, 28), 1).source
     # wrong geometry (e.g. the dataset was resized) -> computed
     assert "computed" in fit_normalizer("gcn_minmax", x, split, "auto", (32, 32), 1).source
-    fm = Split(images=imgs, labels=np.zeros(8, np.int64), targets=np.zeros(8, np.int64),
-               class_names=["T-shirt/top"] + NAMES[1:], key="fashion_mnist:0", meta={"dataset": "fashion_mnist"})
-    assert identify_split(fm) == ("fashion_mnist", 0)
-    cf = Split(images=imgs, labels=np.zeros(8, np.int64), targets=np.zeros(8, np.int64), class_names=["cat"],
-               key="cifar10|{}|one_class|cat|train")
-    assert identify_split(cf) == ("cifar10", 3)
-    sets = Split(images=imgs, labels=np.zeros(8, np.int64), targets=np.arange(8) % 2, class_names=NAMES,
-                 key="mnist|{}|one_class|0+1|train", meta={"dataset": "mnist", "normal_class": "0+1"})
-    assert identify_split(sets) == ("mnist", None)
+    fm = fit_normalizer("gcn_minmax", x, _declared_split(imgs, FashionMNIST, ("T-shirt/top",)), "auto", (28, 28), 1)
+    assert (fm.lo, fm.hi) == ((-2.681239128112793,), (24.85430908203125,))
+    assert fm.source == "official constants fashion_mnist/t-shirt/top"
+    colour = rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    xc = torch.from_numpy(colour).permute(0, 3, 1, 2).float() / 255
+    cat = _declared_split(colour, CIFAR10, ("cat",))
+    assert fit_normalizer("gcn_minmax", xc, cat, "auto", (32, 32), 3).lo == (-10.599172931391799,)
+    ms = fit_normalizer("mean_std", xc, cat, "auto", (32, 32), 3)
+    assert ms.mean == (0.4954785108566284, 0.45636114478111267, 0.4154069721698761) and "official" in ms.source
+    # a class set has no per-class constants; neither has a split that declares nothing
+    sets = _declared_split(imgs, MNIST, ("0", "1"))
+    assert declared_class_statistics(sets, (28, 28), 1) is None
+    assert "computed" in fit_normalizer("gcn_minmax", x, sets, "auto", (28, 28), 1).source
+    bare = Split(images=imgs, labels=np.zeros(8, np.int64), targets=np.full(8, 3), class_names=NAMES,
+                 key="mnist|{}|one_class|3|train")  # the key is never parsed
+    assert "computed" in fit_normalizer("gcn_minmax", x, bare, "auto", (28, 28), 1).source
     g = gcn_l1(x)
     assert torch.allclose(g.mean(dim=(1, 2, 3)), torch.zeros(8), atol=1e-5)
     assert torch.allclose(g.abs().mean(dim=(1, 2, 3)), torch.ones(8), atol=1e-5)
@@ -544,7 +561,7 @@ def test_fcdd_vgg_224_end_to_end_without_pretraining():
 
 def test_fcdd_auto_anomaly_source_follows_the_runner_configs(digits):
     """auto = outlier exposure (CIFAR-100) at 28 / 32 px, confetti at 224 px (argparse_configs.py)."""
-    from methods._fcdd_common import FAMILIES
+    from methods.fcdd_family import FAMILIES
 
     assert methods.METHODS["fcdd"].Params().anomaly_source == "auto"
     assert methods.METHODS["fcdd_hsc"].Params().anomaly_source == "auto"
@@ -569,18 +586,18 @@ def test_fcdd_grey_outlier_exposure_uses_luma(digits):
     m.set_outlier_exposure(colours)
     setup = m._resolve(train)
     assert setup.channels == 1
-    pool = m._oe_pool(setup, torch.Generator().manual_seed(0))
+    pool = m._oe_pool(train, setup, torch.Generator().manual_seed(0))
     assert pool.shape == (3, 1, 28, 28) and pool.dtype == torch.uint8
     assert pool[:, 0, 14, 14].tolist() == [76, 150, 29]  # round(255 * 0.299 / 0.587 / 0.114)
     # grey outlier images stay as they are
     m.set_outlier_exposure(np.full((1, 28, 28, 1), 200, np.uint8))
-    assert m._oe_pool(setup, torch.Generator())[0].unique().tolist() == [200]
+    assert m._oe_pool(train, setup, torch.Generator())[0].unique().tolist() == [200]
 
 
 def test_fcdd_enlarge_repeats_the_train_set_per_epoch(digits, monkeypatch):
     """ADMvTec.enlarge (datasets/mvtec.py:14, mvtec_base.py:90-91): the MVTec-AD recipe makes 10
     passes per epoch and decays the lr once per epoch (training/bases.py:204); others make one."""
-    from methods._fcdd_common import FAMILIES
+    from methods.fcdd_family import FAMILIES
 
     assert {f: d["enlarge"] for f, d in FAMILIES.items()} == {"28": 1, "32": 1, "224": 10}
     rng = np.random.default_rng(0)

@@ -1,6 +1,7 @@
 """Grid expansion at scale: cell ids never drift, and the per-cell work stays per cell.
 
-The ids pinned here were computed on main before expansion was made linear (commit 48eb402);
+The ids pinned here were computed on main before expansion was made linear (commits 48eb402 and
+0d14cff);
 a change that alters any of them would make every finished run look unfinished. Speed itself is
 measured by benchmarks/scale.py; these tests pin what makes it fast: work done once per
 (method, params, dataset entry, class), not once per seed.
@@ -33,6 +34,11 @@ PINNED = {
     "resources": (dict(method="noop", params={}, dataset="digits", dataset_params={}, protocol="one_class",
                        normal_class="0", seed=0, resources={"gpu": 0.25, "cpu": 1.0}),
                   "8595a853faffc6c9", "3173647f36779f2a"),
+    # computed on main 0d14cff (outlier exposure enters the identity only when set)
+    "outlier_exposure": (dict(method="fcdd", params={"anomaly_source": "oe"}, dataset="cifar10", dataset_params={},
+                              protocol="one_class", normal_class="cat", seed=0,
+                              outlier_exposure={"name": "cifar100", "root": "/data"}),
+                         "0c79d8e103a05e5c", "f80b0cda990f3054"),
 }
 
 PIN_GRID = """
@@ -95,8 +101,9 @@ def test_expanded_ids_drops_and_order_are_the_ones_main_computed(tmp_path):
         "f71dbfdfc2539849346987de041a98363050199042374452a46142d540c25711"
     assert digest(c.describe() for c in exp.cells) == \
         "481ffe18642a6e336d6a6699d5f32716c55aa4665327740436958f4cbca86bec"
+    # main 0d14cff's (its to_dict gained outlier_exposure and plugins; the ids stayed)
     assert digest([repr([c.to_dict() for c in exp.cells])]) == \
-        "dec2d2072b56409fc43eed08b7b05e8707533961440f01cebb145c88bb8533be"
+        "019c6bc91926bc42776e457060872637723e85d5e8cfaa8028df0476e82d13d8"
     only = expand(grid, {"class": ["3", "0+1"], "seed": ["0", "2"]})
     assert (len(only.cells), len(only.dropped)) == (2, 10)
     assert digest(c.cell_id for c in only.cells) == "4aba352dbe9878baa6948ce7ac458a405f6f2b9d00ad6856e7df036e79324452"
@@ -112,6 +119,7 @@ def reference_expand(grid, only):
     from orchestrator.grid import Cell, _matches, _selected, short_hash
 
     cells, dropped, seen = [], [], set()
+    plugins = tuple(spec.to_dict() for spec in grid.plugin_specs)
     for d in grid.datasets:
         classes = ["all"] if d.protocol in ("unified", "ood") and d.classes == "all" else \
             resolve_classes(d.name, d.params, d.classes)
@@ -124,7 +132,8 @@ def reference_expand(grid, only):
                 for normal_class in classes:
                     for seed in grid.seeds:
                         cell = Cell(m.name, resolved, d.name, d.params, d.protocol, normal_class, seed,
-                                    tuple(d.ood), d.ood_params, m.resources.model_dump())
+                                    tuple(d.ood), d.ood_params, m.resources.model_dump(),
+                                    outlier_exposure=d.outlier_exposure_spec, plugins=plugins)
                         cell_id = short_hash(cell.identity)
                         if not _selected(cell, only) or cell_id in seen:
                             continue
@@ -176,13 +185,13 @@ def test_template_ids_equal_the_identity_hash_and_fall_back_on_a_placeholder_in_
 
 
 def test_cached_properties_stay_out_of_to_dict():
-    from orchestrator.grid import Cell, affinity
+    from orchestrator.grid import _FIELDS, Cell, affinity
 
     fields, cell_id, _ = PINNED["ood"]
     cell = Cell(**fields)
     assert cell.cell_id == cell_id and cell.params_json and cell.data_key and affinity(cell)
     d = cell.to_dict()
-    assert set(d) == set(fields) | {"resources"}
+    assert set(d) == set(_FIELDS) and {"cell_id", "params_json", "data_key"}.isdisjoint(d)
     again = Cell.from_dict(d)
     assert again == cell and again.cell_id == cell_id
     assert "cell_id" not in again.__dict__ or again.__dict__["cell_id"] == cell_id

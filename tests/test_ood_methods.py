@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import methods
-import methods._classifier as clf_mod
+import methods.classifier.posthoc as clf_mod
 from conftest import run_grid_inprocess, write_grid
 from data.protocols import make_splits
-from methods._classifier import (ClassifierParams, augment_batch, build_network, cosine_factor, run_training,
+from methods.classifier import (ClassifierParams, augment_batch, build_network, cosine_factor, run_training,
                                  train_data)
 from methods.base import ArtifactCache, NonFiniteLoss, RunContext, create
 from methods.conf_branch import conf_branch_loss
@@ -470,7 +470,7 @@ def _split_of(dataset: str, class_names: list[str]):
 
     n = len(class_names)
     return Split(images=np.zeros((n, 4, 4, 3), np.uint8), labels=np.zeros(n, np.int64),
-                 targets=np.arange(n), class_names=list(class_names), key=dataset, meta={"dataset": dataset})
+                 targets=np.arange(n), class_names=list(class_names), key=dataset, dataset=dataset)
 
 
 def test_mos_groups_per_dataset_as_openood_double_label_configs():
@@ -524,7 +524,7 @@ def test_vos_modes_fit_and_record_their_setting(osr_run):
 
 
 def test_best_epoch_keeps_the_most_accurate_epoch_ties_to_the_later():
-    from methods._classifier import BestEpoch, Inputs, TrainData, holdout_indices
+    from methods.classifier import BestEpoch, Inputs, TrainData, holdout_indices
 
     y = np.repeat(np.arange(4), 50)
     fit, val = holdout_indices(y, 0.1)

@@ -110,7 +110,7 @@ def test_efficientnet_b4_stages(setting, channels):
     """Official outlayers [1,2,3,4] (MVTec AD) / [1..5] (CIFAR-10) = timm blocks 0,1,2,4 (,6)."""
     rng = np.random.default_rng(0)
     split = Split(rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8), np.zeros(2, np.int64),
-                  np.zeros(2, np.int64), ["x"], key=f"b4-{setting}", meta={"dataset": setting})
+                  np.zeros(2, np.int64), ["x"], key=f"b4-{setting}", recipe_family=setting)
     m = create("uniad", dict(pretrained=False, image_size=64, neighbor_size=[3, 3]), RunContext())
     m._resolve(split)
     assert m.setting == setting
@@ -175,7 +175,7 @@ def test_class_set_one_class_and_cifar_score_rule():
     s = m.score(test)
     assert m.resolved_params()["image_score"] == "max" and roc_auc_score(test.labels, s.image) > 0.5
     cifar_like = Split(train.images, train.labels, train.targets, train.class_names, key="cifar10|{}|x",
-                       meta={"dataset": "cifar10"})
+                       dataset="cifar10", recipe_family="cifar10")
     m2 = create("uniad", dict(TINY, epochs=1, batch_size=64, layers=["layer1", "layer2"]), RunContext(cache=cache))
     m2.fit(cifar_like)
     r = m2.resolved_params()

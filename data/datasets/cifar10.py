@@ -16,7 +16,7 @@ import numpy as np
 from torchvision.datasets import CIFAR10 as TorchCIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
-from data.base import DataError, DatasetParams, register_dataset
+from data.base import ClassStatistics, DataError, DatasetParams, Statistics, register_dataset
 from data.datasets._arrays import ArrayDataset, via_torchvision
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -98,6 +98,45 @@ def read_cifar(reader: type[TorchCIFAR10], root: Path, train: bool, download: bo
     return (images, *(np.concatenate([p[i] for p in parts]) for i in range(1, 1 + len(label_keys))))
 
 
+# (min, max) after GCN-l1 per normal class: Deep-SVDD-PyTorch src/datasets/cifar10.py (identical in fcdd
+# datasets/cifar.py).
+CIFAR10_GCN_MINMAX = [
+    (-28.94083453598571, 13.802961825439636), (-6.681770233365245, 9.158067708230273),
+    (-34.924463588638204, 14.419298165027628), (-10.599172931391799, 11.093187820377565),
+    (-11.945022995801637, 10.628045447867583), (-9.691969487694928, 8.948326776180823),
+    (-9.174940012342555, 13.847014686472365), (-6.876682005899029, 12.282371383343161),
+    (-15.603507135507172, 15.2464923804279), (-6.132882973622672, 8.046098172351265),
+]
+# Per-class channel mean / std of the raw [0, 1] images (fcdd datasets/cifar.py), used by FCDD's
+# CIFAR-10 default preprocessing 'aug1'.
+CIFAR10_CLASS_MEAN = [
+    (0.5256516933441162, 0.5603281855583191, 0.5888723731040955),
+    (0.4711322784423828, 0.45446228981018066, 0.4471212327480316),
+    (0.48923906683921814, 0.49146366119384766, 0.423904687166214),
+    (0.4954785108566284, 0.45636114478111267, 0.4154069721698761),
+    (0.47155335545539856, 0.46515223383903503, 0.37797248363494873),
+    (0.49992093443870544, 0.4646056592464447, 0.4164286255836487),
+    (0.47001829743385315, 0.43829214572906494, 0.34500396251678467),
+    (0.5019531846046448, 0.47983652353286743, 0.4167139232158661),
+    (0.4902143180370331, 0.5253947973251343, 0.5546804070472717),
+    (0.4986417591571808, 0.4852965474128723, 0.4780091941356659),
+]
+CIFAR10_CLASS_STD = [
+    (0.2502202093601227, 0.24083486199378967, 0.2659735083580017),
+    (0.26806357502937317, 0.2658274173736572, 0.2749459445476532),
+    (0.22705480456352234, 0.2209445983171463, 0.24337927997112274),
+    (0.2568431496620178, 0.25227081775665283, 0.25799375772476196),
+    (0.21732737123966217, 0.20652702450752258, 0.21182335913181305),
+    (0.2504253387451172, 0.24374878406524658, 0.2489463835954666),
+    (0.22888341546058655, 0.21856172382831573, 0.2204199582338333),
+    (0.2430490106344223, 0.243973046541214, 0.25171563029289246),
+    (0.24962472915649414, 0.24068884551525116, 0.25149762630462646),
+    (0.2680525481700897, 0.26910799741744995, 0.2810165584087372),
+]
+#: OpenOOD v1.5 ``normalization_dict['cifar10']`` (openood/preprocessors/transform.py).
+CIFAR10_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
 class CIFAR10Params(DatasetParams):
     root: str = "~/data/cifar10"
     download: bool = False
@@ -109,6 +148,13 @@ class CIFAR10(ArrayDataset):
 
     Params = CIFAR10Params
     CLASSES = CIFAR10_CLASSES
+    statistics = Statistics(
+        mean=CIFAR10_MEAN_STD[0], std=CIFAR10_MEAN_STD[1], source="OpenOOD normalization_dict['cifar10']",
+        per_class={c: ClassStatistics(gcn_min=(lo,), gcn_max=(hi,), mean=tuple(m), std=tuple(s))
+                   for c, (lo, hi), m, s in zip(CIFAR10_CLASSES, CIFAR10_GCN_MINMAX, CIFAR10_CLASS_MEAN,
+                                                CIFAR10_CLASS_STD)},
+        class_source="official constants", side=32, channels=3)
+    recipe_family = "cifar10"
 
     def read(self, side: str) -> tuple[np.ndarray, np.ndarray]:
         root = self.root()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from torchvision.datasets import CIFAR100 as TorchCIFAR100
 
-from data.base import DatasetParams, register_dataset
+from data.base import DatasetParams, Statistics, register_dataset
 from data.datasets._arrays import ArrayDataset, via_torchvision
 from data.datasets.cifar10 import CIFAR_URL, read_cifar
 
@@ -56,6 +56,10 @@ class CIFAR100(ArrayDataset):
     """50,000 train / 10,000 test 32×32 colour images, 100 fine (or 20 coarse) classes."""
 
     Params = CIFAR100Params
+    #: OpenOOD v1.5 ``normalization_dict['cifar100']`` (openood/preprocessors/transform.py)
+    statistics = Statistics(mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761),
+                            source="OpenOOD normalization_dict['cifar100']")
+    recipe_family = "cifar_like"
 
     def classes(self) -> list[str]:
         return list(COARSE_CLASSES if self.params.coarse else FINE_CLASSES)

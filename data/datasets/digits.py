@@ -31,6 +31,7 @@ class Digits(ArrayDataset):
 
     Params = DigitsParams
     CLASSES = DIGITS
+    recipe_family = "mnist"
 
     def read(self, side: str) -> tuple[np.ndarray, np.ndarray]:
         bunch = load_digits()

@@ -32,6 +32,7 @@ class Folder(DefectFolderDataset):
     """Classes are the folders under ``<root>/train``, sorted by name."""
 
     Params = FolderParams
+    recipe_family = "mvtec"
 
     def root(self) -> Path:
         return Path(self.params.root).expanduser()

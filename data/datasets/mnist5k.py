@@ -46,6 +46,7 @@ class MNIST5k(ArrayDataset):
 
     Params = MNIST5kParams
     CLASSES = DIGITS
+    recipe_family = "mnist"
 
     def read(self, side: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = read_mnist5k()

@@ -30,6 +30,7 @@ class SVHN(ArrayDataset):
 
     Params = SVHNParams
     CLASSES = DIGITS
+    recipe_family = "cifar_like"
 
     def read(self, side: str) -> tuple[np.ndarray, np.ndarray]:
         root = self.root()

@@ -35,7 +35,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 from scipy.ndimage import gaussian_filter, zoom
 
-from data.base import DatasetParams, register_dataset
+from data.base import DatasetParams, Statistics, register_dataset
 from data.cache import cache_root
 from data.datasets.mvtec import MVTec
 
@@ -475,6 +475,7 @@ class Synthetic(MVTec):
     """Procedural categories (see the module doc), read back through the MVTec loader."""
 
     Params = SyntheticParams
+    statistics = Statistics()  # MVTec AD's constants are for its own images
 
     def root(self) -> Path:
         return cache_root() / "synthetic" / params_hash(self.params)
