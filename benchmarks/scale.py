@@ -369,12 +369,23 @@ def part_cells(args, work: Path, state: dict) -> None:
 
     n = n_cells(args)
     cells = expand(load_grid(noop_grid(work / f"cells{n}.yaml", n))).cells
-    # baseline: the same kind of cell, run_cell in a loop in this process (no Ray, no store)
-    run_cell(cells[0])   # warm: imports, digits decoded
+    # baseline: the same kind of cell, run_cell in a loop in this process (no Ray, no store), set up
+    # as a worker runs it (orchestrator/worker.py): one torch thread, the artefact cache
+    import torch
+
+    from methods.base import ArtifactCache
+    from orchestrator.runner import DEFAULT_CACHE_BYTES
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cache = ArtifactCache(DEFAULT_CACHE_BYTES)
+    run_cell(cells[0], cache=cache)   # warm: imports, digits decoded
     sample = cells[1:1 + args.baseline_cells]
     t0 = time.perf_counter()
-    own = [run_cell(c)[0]["total_s"] for c in sample]
+    own = [run_cell(c, cache=cache)[0]["total_s"] for c in sample]
     loop_s = (time.perf_counter() - t0) / len(sample)
+    torch.set_num_threads(threads)
+    del cache
     run_dir = work / "results" / f"cells{n}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -392,7 +403,7 @@ def part_cells(args, work: Path, state: dict) -> None:
     rate, loop_rate = n / s.wall_s, 1 / loop_s
     print(f"\n[cells] {n:,} noop cells on {s.workers} Ray workers: ok {s.ok}, failed {s.failed}, rows {rows}")
     print(f"  wall {s.wall_s:.1f} s after {s.startup_s:.1f} s worker start-up: {rate:.1f} cells/s")
-    print(f"  no-Ray loop of run_cell ({len(sample)} cells, one process): {loop_rate:.1f} cells/s "
+    print(f"  no-Ray loop of run_cell ({len(sample)} cells, one process, a worker's cache and 1 thread): {loop_rate:.1f} cells/s "
           f"({1e3 * loop_s:.1f} ms/cell, own total_s {1e3 * statistics.mean(own):.1f} ms)")
     print(f"  cells/s ratio Ray / loop: {rate / loop_rate:.2f} (ideal {s.workers}: {s.workers} workers); "
           f"per worker {rate / loop_rate / s.workers:.2f}")
