@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.cell import failure_row
-from orchestrator.grid import Cell, canonical
+from orchestrator.grid import Cell, affinity, canonical
 from orchestrator.store import RowStore, cell_status
 from orchestrator.worker import Worker
 
@@ -322,13 +322,6 @@ class Summary:
     wall_s: float = 0.0
     workers: int = 0
     startup_s: float = 0.0
-
-
-def affinity(cell: Cell) -> tuple:
-    from methods import METHODS
-
-    method_cls = METHODS[cell.method]
-    return (cell.data_key, method_cls.affinity_key(method_cls.Params(**cell.params)))
 
 
 def raylet_answers(address: str, timeout_s: float = 2.0) -> bool | None:
