@@ -242,9 +242,16 @@ def test_digits_learns_and_detects(digits):
 
 
 def test_synthetic_learns_detects_and_localises(disc):
+    """40 passes (160 Adam steps) of the tiny cloner. Measured over seeds 0-2 at 1 and 2 threads:
+    loss ratio 0.025-0.029, image AUROC 0.71-0.83, pixel AUROC 0.78-0.90, PRO 0.38-0.60. Controls:
+    an untrained cloner (lr 1e-12) scores image AUROC 0.44 at seed 0 (0.35-0.72 over seeds 0-2),
+    so the image-level assertion needs the training; its gradient maps already localise the disc
+    defects (pixel AUROC 0.90-0.92), so the pixel assertions check the attribution pipeline's
+    maps against the masks, not learning: random maps score pixel AUROC 0.48-0.53 / PRO 0.13-0.16,
+    and the same maps against masks shifted by half the image 0.11-0.17 / under 0.03."""
     train, test = disc
     ctx = RunContext(seed=0, cache=ArtifactCache(1 << 30))
-    m = create("kdad", dict(TINY, epochs=20), ctx)
+    m = create("kdad", dict(TINY, epochs=40), ctx)
     m.fit(train)
     assert m.setup["preset"] == "mvtec" and m.setup["lamda"] == 0.5
     assert ctx.loss_curve[-1] < 0.2 * ctx.loss_curve[0]
@@ -255,7 +262,10 @@ def test_synthetic_learns_detects_and_localises(disc):
     masks = resize_masks(test.masks, 32, crop=m.transform.crop, resize=m.transform.resize)
     metrics = evaluate(test.labels, scores.image, masks=masks, pixel=scores.pixel)
     assert metrics["image_auroc"] > 0.6
-    assert metrics["pixel_auroc"] > 0.8 and metrics["pro"] > 0.3
+    assert metrics["pixel_auroc"] > 0.7 and metrics["pro"] > 0.25
+    # the maps follow each image's defect: against masks moved by half the image they rank low
+    moved = evaluate(test.labels, scores.image, masks=np.roll(masks, (16, 16), axis=(1, 2)), pixel=scores.pixel)
+    assert moved["pixel_auroc"] < 0.5
     # another seed reuses the source's activations of the same train split
     ctx2 = RunContext(seed=1, cache=ctx.cache)
     m2 = create("kdad", dict(TINY, epochs=1), ctx2)
