@@ -200,10 +200,31 @@ def failed_line(row) -> str:
             f"seed={row['seed']}: {row['error']}")
 
 
+def lock_run(run_dir: Path):
+    """The run folder's lock (and its store's folders made), or the exit status of why not: another
+    driver holds it, or the results folder cannot be written (both said in one line, exit 2)."""
+    from orchestrator.lock import RunLock, RunLocked
+    from orchestrator.store import RowStore
+
+    try:
+        RowStore(run_dir)
+        lock = RunLock(run_dir).acquire()
+    except RunLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # read-only or unwritable --results, full disk: before anything ran
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {cannot_write(e, run_dir)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if lock.note:
+        print(f"note: {lock.note}")
+    return lock
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.config import ConfigError, load_grid, run_folder
     from orchestrator.grid import expand
-    from orchestrator.lock import RunLock, RunLocked
     from orchestrator.store import RowStore
     from data.protocols import planning
 
@@ -227,21 +248,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(cell.describe())
         print(f"{len(cells)} cells ({len(expansion.dropped)} dropped)")
         return 0
+    lock = lock_run(run_dir)
+    if isinstance(lock, int):
+        return lock
     try:
-        store = RowStore(run_dir)
-        lock = RunLock(run_dir).acquire()
-    except RunLocked as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # read-only or unwritable --results, full disk: before anything ran
-        if e.errno not in STORAGE_ERRNOS:
-            raise
-        print(f"error: {cannot_write(e, run_dir)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        if lock.note:
-            print(f"note: {lock.note}")
-        return run_locked(args, grid, cells, store)
+        return run_locked(args, grid, cells, RowStore(run_dir))
     except OSError as e:  # full disk, folder gone read-only mid-run: rows already written stay
         if e.errno not in STORAGE_ERRNOS:
             raise
@@ -439,7 +450,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compact(args: argparse.Namespace) -> int:
     """Fold a run folder's per-cell row files into parts, under the run's lock (a driver running
     the grid holds it: exit 2). Also finishes or undoes a compaction a kill interrupted."""
-    from orchestrator.lock import RunLock, RunLocked
     from orchestrator.store import RowStore
 
     run_dir = Path(args.run_dir)
@@ -449,19 +459,10 @@ def cmd_compact(args: argparse.Namespace) -> int:
     if not args.part_mb > 0:
         print("error: --part-mb must be positive", file=sys.stderr)
         return EXIT_BAD_INPUT
+    lock = lock_run(run_dir)
+    if isinstance(lock, int):
+        return lock
     try:
-        lock = RunLock(run_dir).acquire()
-    except RunLocked as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:
-        if e.errno not in STORAGE_ERRNOS:
-            raise
-        print(f"error: {cannot_write(e, run_dir)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        if lock.note:
-            print(f"note: {lock.note}")
         store = RowStore(run_dir)
         store.clean_temporaries()
         done = store.compact(max(1, int(args.part_mb * (1 << 20))))

@@ -190,15 +190,20 @@ def sweep(params: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*axes)]
 
 
-def load_grid(path: str | Path) -> GridConfig:
-    """Read and fully validate a grid file (structure, names, params, classes)."""
-    path = Path(path)
+def read_yaml(path: Path):
+    """A grid file's YAML (safe loader), or a ConfigError naming the file."""
     try:
-        raw = yaml.load(path.read_text(), Loader=SAFE_LOADER)
+        return yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such grid file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: malformed YAML: {e}") from None
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    """Read and fully validate a grid file (structure, names, params, classes)."""
+    path = Path(path)
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a grid file is a mapping with name, seeds, datasets, methods")
     try:
@@ -213,12 +218,7 @@ def load_grid(path: str | Path) -> GridConfig:
 def load_grid_plugins(path: str | Path) -> tuple:
     """Only the plugins of a grid file (for ``bench.py list GRID``: no data needs to be present)."""
     path = Path(path)
-    try:
-        raw = yaml.load(path.read_text(), Loader=SAFE_LOADER)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such grid file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    raw = read_yaml(path)
     entries = raw.get("plugins", []) if isinstance(raw, dict) else []
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: plugins must be a list of .py files or module names, got {entries!r}")
