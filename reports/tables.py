@@ -7,6 +7,7 @@ boards of a dataset with OpenOOD groups, the mean over one group's measured sets
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,27 @@ def _resampled(job) -> dict[str, np.ndarray]:
     return {m: v[:, 0] for m, v in resample_metrics(labels, [scores], metrics, n, seed).items()}
 
 
+@functools.lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed blocks in the heap instead of unmapping each one over 128 KiB.
+
+    A row's resampling allocates a dozen ``B x n`` arrays (MBs each); with glibc's default every one
+    is a fresh mmap whose pages fault in again, ~40% of the bootstrap's time (measured on the 2-core
+    machine: 37 -> 20 ms per 719-sample row, bit-identical values; a cold report of 10,000 noop rows
+    205 -> 109 s). Process-wide and once; the held
+    memory is bounded by the largest working set, and nothing changes where libc is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
+
+
 def iter_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES,
                        cache: DistributionCache | None = None, workers: int = WORKERS):
     """``(position, {metric: bootstrap values})`` for every ok row (position in ``rows``) with usable
@@ -59,6 +81,7 @@ def iter_distributions(rows: pd.DataFrame, n_resamples: int = N_RESAMPLES,
     positions = np.flatnonzero(statuses == "ok")
     if not len(positions):
         return
+    keep_freed_memory()
     cell_ids = rows["cell_id"].to_numpy(object)
     labels_col = rows["labels"].to_numpy(object) if "labels" in rows else None
     scores_col = rows["image_scores"].to_numpy(object) if "image_scores" in rows else None
