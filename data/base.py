@@ -207,8 +207,21 @@ class Dataset:
         raise NotImplementedError
 
 
+def _import_builtin_datasets() -> None:
+    """Import every module under data/datasets/ (each registers itself with @register_dataset)."""
+    import importlib
+    import pkgutil
+
+    from data import datasets
+
+    for info in pkgutil.iter_modules(datasets.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{datasets.__name__}.{info.name}")
+
+
 #: Every dataset, built-in or plugin: name -> class, with each entry's source (plugins/registry.py).
-DATASETS: Registry = Registry("dataset")
+#: The built-in modules (torch, torchvision, sklearn) are imported on the registry's first use.
+DATASETS: Registry = Registry("dataset", builtins=_import_builtin_datasets)
 
 
 def register_dataset(name: str) -> Callable[[type[Dataset]], type[Dataset]]:

@@ -41,19 +41,31 @@ class Registry(Mapping):
     ``kind`` ("method", "dataset") words the messages. ``register(name)`` is the decorator; a name
     registered twice is an error that names both sources (a plugin cannot replace a built-in)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, builtins: Callable[[], None] | None = None):
         self.kind = kind
         self._entries: dict[str, type] = {}
         self._sources: dict[str, str] = {}
+        # imports the modules that register the built-ins, on the first use of the registry (so a
+        # light import of the package, e.g. data.class_names for the report, loads none of them)
+        self._builtins = builtins
+
+    def _ensure_builtins(self) -> None:
+        load, self._builtins = self._builtins, None
+        if load is not None:
+            with registering_from(BUILTIN):
+                load()
 
     # -- mapping -----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> type:
+        self._ensure_builtins()
         return self._entries[name]
 
     def __iter__(self) -> Iterator[str]:
+        self._ensure_builtins()
         return iter(self._entries)
 
     def __len__(self) -> int:
+        self._ensure_builtins()
         return len(self._entries)
 
     def __repr__(self) -> str:
@@ -73,6 +85,8 @@ class Registry(Mapping):
 
     def add(self, name: str, cls: type, source: str | None = None) -> None:
         source = source or _source.get()
+        if source != BUILTIN:  # a plugin: the built-ins first, so that a clash with one is found
+            self._ensure_builtins()
         if name in self._entries:
             have = self._sources[name]
             what = "the built-in" if have == BUILTIN else f"the one from {have}"
@@ -89,13 +103,16 @@ class Registry(Mapping):
 
     def source(self, name: str) -> str | None:
         """Where ``name``'s code came from, or None for a name not registered."""
+        self._ensure_builtins()
         return self._sources.get(name)
 
     def sources(self) -> dict[str, str]:
+        self._ensure_builtins()
         return dict(self._sources)
 
     def create(self, name: str, params: dict | None, *args):
         """``cls(cls.Params(**params), *args)`` with a clear message for an unknown name."""
+        self._ensure_builtins()
         if name not in self._entries:
             raise KeyError(f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._entries))}")
         cls = self._entries[name]

@@ -303,37 +303,28 @@ def test_class_keys_map_names_to_the_indices_the_reference_file_uses():
     assert class_key("mvtec", "metal_nut") == "metal_nut" and class_key("mvtec", "Mean") == "mean"
 
 
-def assigned(path: Path, name: str, inside: str | None = None):
-    """The value assigned to ``name`` (in class ``inside``) in a source file, without importing it
-    (importing the dataset modules would import torch: seconds)."""
-    import ast
+def test_class_names_are_one_list_shared_by_the_datasets_and_the_report():
+    """data/class_names.py is the one list: the dataset modules and the report hold the very same
+    tuples, they agree with torchvision's own lists, and the report reads them without torch."""
+    import subprocess
+    import sys
 
-    tree = ast.parse(path.read_text())
-    scope = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == inside) if inside else tree
-    node = next(n for n in ast.walk(scope) if isinstance(n, ast.Assign)
-                and any(isinstance(t, ast.Name) and t.id == name for t in n.targets))
-    try:
-        return ast.literal_eval(node.value)
-    except ValueError:
-        return ast.unparse(node.value)
+    import data.class_names as names
+    from data import DATASETS
+    from reports.expected import FULL_CLASSES, INDEXED_CLASSES
 
+    assert DATASETS["cifar10"].CLASSES is names.CIFAR10_CLASSES is INDEXED_CLASSES["cifar10"]
+    assert DATASETS["fashion_mnist"].CLASSES is names.FASHION_MNIST_CLASSES is INDEXED_CLASSES["fashion_mnist"]
+    assert DATASETS["mnist"].CLASSES is names.DIGITS is INDEXED_CLASSES["mnist"] is INDEXED_CLASSES["svhn"]
+    assert DATASETS["mvtec"].declared_classes is names.MVTEC_CATEGORIES is FULL_CLASSES["mvtec"]
+    from torchvision.datasets import FashionMNIST
 
-def test_class_tables_agree_with_the_datasets():
-    import importlib.util
-
-    from reports.expected import INDEXED_CLASSES, MVTEC_CATEGORIES
-
-    datasets = Path(__file__).parents[1] / "data" / "datasets"
-    assert INDEXED_CLASSES["cifar10"] == assigned(datasets / "cifar10.py", "CIFAR10_CLASSES")
-    assert MVTEC_CATEGORIES == assigned(datasets / "mvtec.py", "OFFICIAL_CATEGORIES")
-    assert assigned(datasets / "mnist.py", "DIGITS") == "tuple((str(d) for d in range(10)))"
-    assert INDEXED_CLASSES["mnist"] == tuple(str(d) for d in range(10))
-    assert assigned(datasets / "fashion_mnist.py", "FASHION_CLASSES") == "tuple(TorchFashionMNIST.classes)"
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        pytest.skip("torchvision is not installed")
-    torch_mnist = Path(spec.submodule_search_locations[0]) / "datasets" / "mnist.py"
-    assert INDEXED_CLASSES["fashion_mnist"] == tuple(assigned(torch_mnist, "classes", "FashionMNIST"))
+    assert names.FASHION_MNIST_CLASSES == tuple(FashionMNIST.classes) and names.DIGITS == tuple("0123456789")
+    code = ("import sys; import reports.expected, reports.leaderboard; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "[]", out
 
 
 def test_expected_csv_is_data_with_a_source_for_every_number():

@@ -17,9 +17,9 @@ from torchvision.datasets import CIFAR10 as TorchCIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
 from data.base import ClassStatistics, DataError, DatasetParams, Statistics, register_dataset
+from data.class_names import CIFAR10_CLASSES
 from data.datasets._arrays import ArrayDataset, via_torchvision
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 CIFAR_ROW = 3 * 32 * 32
 

@@ -9,9 +9,10 @@ import numpy as np
 from torchvision.datasets import FashionMNIST as TorchFashionMNIST
 
 from data.base import ClassStatistics, DataError, DatasetParams, Statistics, register_dataset
+from data.class_names import FASHION_MNIST_CLASSES
 from data.datasets.mnist import MNIST
 
-FASHION_CLASSES = tuple(TorchFashionMNIST.classes)
+FASHION_CLASSES = FASHION_MNIST_CLASSES  # torchvision's FashionMNIST.classes (tests hold them equal)
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
 

@@ -5,9 +5,9 @@ import numpy as np
 from torchvision.datasets import MNIST as TorchMNIST
 
 from data.base import ClassStatistics, DatasetParams, Statistics, register_dataset
+from data.class_names import DIGITS
 from data.datasets._arrays import ArrayDataset, via_torchvision
 
-DIGITS = tuple(str(d) for d in range(10))
 IDX_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from data.base import ClassStatistics, DataError, DatasetParams, Statistics, register_dataset
+from data.class_names import MVTEC_CATEGORIES
 from data.datasets._image_folders import DefectFolderDataset, ImageRecord, list_dirs, list_images
 
-OFFICIAL_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
-                       "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
-                       "zipper")
+OFFICIAL_CATEGORIES = MVTEC_CATEGORIES
 LAYOUT = ("<root>/<category>/train/good/*.png, <root>/<category>/test/<defect>/*.png "
           "('good' = normal), <root>/<category>/ground_truth/<defect>/<name>_mask.png")
 URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
