@@ -52,8 +52,12 @@ class Registry(Mapping):
     def _ensure_builtins(self) -> None:
         load, self._builtins = self._builtins, None
         if load is not None:
-            with registering_from(BUILTIN):
-                load()
+            try:
+                with registering_from(BUILTIN):
+                    load()
+            except BaseException:  # a module that fails to import: said now, and tried again next use
+                self._builtins = load
+                raise
 
     # -- mapping -----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> type:
