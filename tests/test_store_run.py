@@ -2,32 +2,16 @@
 rows, and ``--rerun failed`` replacing a compacted failed row."""
 from __future__ import annotations
 
-import textwrap
-
 import pandas as pd
 import pyarrow.parquet as pq
 
 from conftest import write_grid
+from test_runner import bench_main, grid_text as runner_grid_text
 
 
 def grid_text(classes: str, methods: str = "- name: noop\n", seeds: str = "[0]") -> str:
-    return textwrap.dedent(f"""
-        name: mix
-        seeds: {seeds}
-        datasets:
-          - name: digits
-            protocol: one_class
-            classes: {classes}
-        methods:
-        """) + textwrap.indent(textwrap.dedent(methods), "  ")
-
-
-def bench_main(argv, capsys) -> tuple[int, str, str]:
-    import bench
-
-    status = bench.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return status, out.out, out.err
+    """A grid named ``mix`` of ``methods`` on digits (test_runner's grid_text)."""
+    return runner_grid_text("mix", methods, classes, seeds)
 
 
 def test_resume_over_compacted_and_per_cell_rows_runs_only_the_missing_cells(ray_local, tmp_path, capsys):
