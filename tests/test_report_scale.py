@@ -173,3 +173,23 @@ def test_a_long_failure_listing_is_capped_and_summarised(tmp_path, monkeypatch):
     assert len(listing.strip().splitlines()) == 2 + 5
     html = (report / "report.html").read_text()
     assert html.count('data-name="failures"') == 1 and html.count('data-name="failures-summary"') == 1
+
+
+def test_the_bootstrap_keeps_freed_memory_on_glibc_and_its_values_do_not_change():
+    """keep_freed_memory sets glibc's mmap and trim thresholds (mallopt returns 1 for each); the
+    resampled values are the same before and after (the allocator never touches the arithmetic)."""
+    import platform
+
+    import numpy as np
+
+    from reports.bootstrap import BOOTSTRAP_METRICS, resample_metrics
+    from reports.tables import keep_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt thresholds are glibc's")
+    rng = np.random.default_rng(0)
+    labels, scores = np.repeat([0, 1], 60).astype(np.int8), rng.normal(size=120)
+    before = resample_metrics(labels, [scores], BOOTSTRAP_METRICS, 300, 7)
+    assert keep_freed_memory() is True
+    after = resample_metrics(labels, [scores], BOOTSTRAP_METRICS, 300, 7)
+    assert all(np.array_equal(before[m], after[m]) for m in BOOTSTRAP_METRICS)
