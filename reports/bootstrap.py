@@ -7,9 +7,16 @@ test set. Sorting the scores once and taking cumulative sums of the counts at ea
 gives every resample's whole ROC curve at once (``B x K`` arrays, K = distinct scores); the
 metrics below are exact functions of that curve and agree with ``metrics.image`` (sklearn) when
 every count is 1. No per-resample sort, no Python loop over resamples.
+
+The resampling path counts the draws straight into the distinct-score columns (one ``bincount``
+of each drawn sample's column), so the per-column steps come out first and the curve is their
+cumulative sum; the counts are integers, exact in float32, so this gives bit for bit what the
+per-sample weights of ``class_counts`` through ``curves`` give (a test holds the two equal). The
+curve arithmetic runs in blocks of resamples small enough to stay in the CPU cache.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import zipfile
@@ -26,7 +33,11 @@ MIN_RESAMPLES = 200
 MAX_DRAWS = 10_000_000  # resamples x test samples per row; larger test sets get fewer resamples
 LEVEL = 0.95
 SEED = 0
-CHUNK_ELEMENTS = 4_000_000  # resamples x samples per chunk (memory bound, ~32 MB of float64)
+CHUNK_ELEMENTS = 4_000_000  # resamples x samples drawn at once (this also fixes the order of the draws)
+FLOAT32_WHOLE = float(1 << 24)  # whole numbers below this are exact in float32
+EXACT_SUM_SAMPLES = 1 << 15  # up to 2^15 samples drawn, AP terms add exactly in float64 in any order
+HELD_WINDOW = 32  # columns fpr95_openood looks ahead at once for a resample's next held score
+BLOCK_ELEMENTS = 200_000  # resamples x distinct scores per block of curve arithmetic (~0.8 MB of float32)
 
 
 def resamples_for(n_samples: int, n_resamples: int = N_RESAMPLES) -> int:
@@ -60,21 +71,33 @@ def class_counts(size: int, n_resamples: int, rng: np.random.Generator, dtype=np
 class Ranking:
     """One score vector sorted once. ``pos_order`` / ``neg_order``: positives / negatives by
     decreasing score; ``pos_at[k]`` / ``neg_at[k]``: how many of them score >= the k-th largest
-    distinct score, with a leading 0 (the 'flag nothing' point)."""
+    distinct score, with a leading 0 (the 'flag nothing' point); ``pos_column`` / ``neg_column``:
+    each positive's / negative's column (1 .. K: its score's rank among the distinct scores, in
+    decreasing order; column 0 is the origin)."""
 
     pos_order: np.ndarray
     neg_order: np.ndarray
     pos_at: np.ndarray
     neg_at: np.ndarray
+    pos_column: np.ndarray
+    neg_column: np.ndarray
+
+    @property
+    def width(self) -> int:
+        """Columns of a curve: the distinct scores and the origin."""
+        return self.pos_at.size
 
 
 def ranking(labels: np.ndarray, scores: np.ndarray) -> Ranking:
     pos, neg = scores[labels == 1], scores[labels == 0]
     pos_order, neg_order = np.argsort(-pos, kind="stable"), np.argsort(-neg, kind="stable")
-    distinct = -np.unique(-scores)  # decreasing
+    negated, column = np.unique(-scores, return_inverse=True)  # distinct scores, decreasing
+    distinct = -negated
     pos_at = np.searchsorted(-pos[pos_order], -distinct, side="right")
     neg_at = np.searchsorted(-neg[neg_order], -distinct, side="right")
-    return Ranking(pos_order, neg_order, np.append(0, pos_at), np.append(0, neg_at))
+    column = column.reshape(-1) + 1
+    return Ranking(pos_order, neg_order, np.append(0, pos_at), np.append(0, neg_at),
+                   column[labels == 1], column[labels == 0])
 
 
 def _cumulative(weights: np.ndarray, order: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -88,11 +111,37 @@ class Curves:
     """Cumulative weights at each distinct score for ``B`` weightings of one scored test set.
 
     ``tp[:, k]`` / ``fp[:, k]``: positive / negative weight with score >= the k-th largest distinct
-    score, column 0 being the origin (nothing flagged); ``pos`` / ``neg``: the totals (``B``).
+    score, column 0 being the origin (nothing flagged); ``pos`` / ``neg``: the totals (``B``);
+    ``tp_steps`` / ``fp_steps``: ``np.diff`` of ``tp`` / ``fp`` along the columns (the weight at each
+    distinct score), computed here unless the caller has them.
     """
 
     tp: np.ndarray
     fp: np.ndarray
+    tp_steps: np.ndarray | None = None
+    fp_steps: np.ndarray | None = None
+    #: resampled curves only: each negative draw's column as a flat index into ``tp`` / ``fp``
+    #: (``B x n_neg``), for the metrics whose terms are nonzero only where a negative was drawn
+    neg_draws: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.tp_steps is None:
+            self.tp_steps = np.diff(self.tp, axis=1)
+        if self.fp_steps is None:
+            self.fp_steps = np.diff(self.fp, axis=1)
+
+    @functools.cached_property
+    def flagged(self) -> np.ndarray:
+        """``tp + fp``: all weight with score >= each column's (shared by the AP metrics)."""
+        return self.tp + self.fp
+
+    @functools.cached_property
+    def first_neg_draws(self) -> np.ndarray:
+        """``neg_draws`` with one entry per (resample, column): the columns with a negative step."""
+        ticket = np.arange(self.neg_draws.size, dtype=np.int64).reshape(self.neg_draws.shape)
+        marker = np.empty(self.tp.size, dtype=np.int64)  # only the positions written are read
+        marker[self.neg_draws] = ticket  # of repeated draws one writes last: that one is kept
+        return self.neg_draws[marker[self.neg_draws] == ticket]
 
     @property
     def pos(self) -> np.ndarray:
@@ -104,47 +153,88 @@ class Curves:
 
 
 def curves(r: Ranking, pos_weights: np.ndarray, neg_weights: np.ndarray) -> Curves:
+    """The curves of ``B`` weightings (``B x n_pos`` and ``B x n_neg``, in label order)."""
     return Curves(_cumulative(pos_weights, r.pos_order, r.pos_at),
                   _cumulative(neg_weights, r.neg_order, r.neg_at))
 
 
+def _column_counts(columns: np.ndarray, picks: np.ndarray,
+                   width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, cumulative, draws): ``B x width`` float32 counts of the drawn samples (``picks``:
+    ``B x size`` indices into one class) at each column, the samples' ``columns`` giving where each
+    one counts; their running sums along the columns; and each draw's column as a flat index into
+    a ``B x width`` array. Summed in int64 and then cast: exact either way (counts are integers),
+    but numpy's float cumsum along rows is ~10x slower than its integer one."""
+    n_rows = picks.shape[0]
+    draws = np.take(columns, picks)
+    draws += (np.arange(n_rows) * width)[:, None]
+    steps = np.bincount(draws.ravel(), minlength=n_rows * width).reshape(n_rows, width)
+    return steps.astype(np.float32), np.cumsum(steps, axis=1).astype(np.float32), draws
+
+
+def resampled_curves(r: Ranking, pos_picks: np.ndarray, neg_picks: np.ndarray) -> Curves:
+    """The curves of ``B`` resamples given as drawn indices (``B x n_pos`` among the positives,
+    ``B x n_neg`` among the negatives): equal to ``curves`` of the draws' counts, without the
+    per-sample weights (each draw is counted at its score's column, then summed along)."""
+    tp_steps, tp, _ = _column_counts(r.pos_column, pos_picks, r.width)
+    fp_steps, fp, neg_draws = _column_counts(r.neg_column, neg_picks, r.width)
+    return Curves(tp, fp, tp_steps[:, 1:], fp_steps[:, 1:], neg_draws)
+
+
 def auroc(c: Curves) -> np.ndarray:
-    """Trapezoid under the exact ROC curve (ties count one half), as roc_auc_score."""
-    area = np.sum(np.diff(c.fp, axis=1) * (c.tp[:, 1:] + c.tp[:, :-1]), axis=1, dtype=np.float64)
+    """Trapezoid under the exact ROC curve (ties count one half), as roc_auc_score:
+    ``sum_k fp_step_k (tp_k + tp_{k-1})``. Where ``2 pos neg < 2^24`` every term and partial sum is
+    a whole number float32 holds exactly, so the sum over the negative draws (one term each) is the
+    same number, found without a pass over every column."""
+    if c.neg_draws is not None and 2.0 * c.pos.max() * c.neg.max() < FLOAT32_WHOLE:
+        tp = c.tp.ravel()
+        area = np.sum(tp[c.neg_draws] + tp[c.neg_draws - 1], axis=1, dtype=np.float64)
+    else:
+        area = np.sum(c.fp_steps * (c.tp[:, 1:] + c.tp[:, :-1]), axis=1, dtype=np.float64)
     return area / 2.0 / (c.pos.astype(np.float64) * c.neg)
 
 
-def _average_precision(tp: np.ndarray, fp: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """sum_k (R_k - R_{k-1}) P_k over thresholds in the given order (sklearn's step-wise AP);
-    ``tp`` / ``fp`` start with the origin column."""
-    tp_k, predicted = tp[:, 1:], tp[:, 1:] + fp[:, 1:]
-    precision = np.divide(tp_k, predicted, out=np.zeros_like(tp_k), where=predicted > 0)
-    return np.sum(np.diff(tp, axis=1) * precision, axis=1, dtype=np.float64) / total
+def _precision(kept: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """``kept / predicted``, 0 where ``predicted`` is 0 (so is ``kept`` there): counts are whole
+    numbers, so dividing by max(predicted, 1) gives exactly that, without a masked divide."""
+    return np.divide(kept, np.maximum(predicted, 1, out=predicted), out=predicted)
 
 
 def aupr_out(c: Curves) -> np.ndarray:
-    """AP with anomalous / OOD positive and the scores as they are."""
-    return _average_precision(c.tp, c.fp, c.pos)
-
-
-def _from_below(c: Curves) -> tuple[np.ndarray, np.ndarray]:
-    """(ID weight, OOD weight) with score <= t, thresholds increasing, origin column first (copied
-    in that order: the metric's passes over a reversed view take several times longer)."""
-    return (np.ascontiguousarray((c.neg[:, None] - c.fp)[:, ::-1]),
-            np.ascontiguousarray((c.pos[:, None] - c.tp)[:, ::-1]))
+    """AP with anomalous / OOD positive and the scores as they are: sum_k (R_k - R_{k-1}) P_k over
+    thresholds falling (sklearn's step-wise average precision)."""
+    terms = c.tp_steps * _precision(c.tp[:, 1:], c.flagged[:, 1:].copy())
+    return np.sum(terms, axis=1, dtype=np.float64) / c.pos
 
 
 def aupr_in(c: Curves) -> np.ndarray:
-    """AP with normal / ID positive and the scores negated: thresholds taken from the bottom."""
-    id_kept, ood_kept = _from_below(c)
-    return _average_precision(id_kept, ood_kept, c.neg)
+    """AP with normal / ID positive and the scores negated: thresholds rising from the bottom.
+
+    At the threshold just below column ``k + 1`` (scores <= it kept) the ID weight kept is
+    ``neg - fp[:, k]``, all weight kept ``pos + neg - flagged[:, k]``, and the recall step into it
+    is ``fp_steps[:, k]``. The terms are summed in the order of rising thresholds (columns right to
+    left), from a contiguous copy: a reduction over a reversed view may not add in that order.
+    """
+    if c.neg_draws is not None and (c.pos + c.neg).max() <= EXACT_SUM_SAMPLES:
+        # each term is a float32 multiple of 2^-(L+23) and the sum at most n <= 2^L, L <= 15, so
+        # float64 adds them exactly in any order: only the columns with a negative step are summed
+        into = c.first_neg_draws  # flat index of column k + 1; the threshold below it is column k
+        below = into - 1
+        rows = into // c.tp.shape[1]
+        fp, flagged = c.fp.ravel(), c.flagged.ravel()
+        id_kept = c.neg[rows] - fp[below]
+        terms = (fp[into] - fp[below]) * _precision(id_kept, (c.pos + c.neg)[rows] - flagged[below])
+        return np.bincount(rows, weights=terms, minlength=c.tp.shape[0]) / c.neg
+    id_kept = c.neg[:, None] - c.fp[:, :-1]
+    terms = c.fp_steps * _precision(id_kept, (c.pos + c.neg)[:, None] - c.flagged[:, :-1])
+    return np.sum(np.ascontiguousarray(terms[:, ::-1]), axis=1, dtype=np.float64) / c.neg
 
 
 def fpr95(c: Curves, recall: float = 0.95) -> np.ndarray:
     """OOD weight kept (score <= t) at the smallest t keeping >= 95% of the ID weight (rule at_least)."""
     # ID weight kept grows as t falls through the columns from the right, so the smallest such t is
     # the column left of those keeping too little; counting them avoids a reversed copy
-    keeps_too_little = np.sum((c.neg[:, None] - c.fp) < recall * c.neg[:, None] - 1e-6, axis=1)
+    keeps_too_little = np.count_nonzero((c.neg[:, None] - c.fp) < recall * c.neg[:, None] - 1e-6, axis=1)
     rows = np.arange(keeps_too_little.size)
     ood_kept = c.pos - c.tp[rows, c.tp.shape[1] - 1 - keeps_too_little]
     return ood_kept.astype(np.float64) / c.pos
@@ -159,6 +249,27 @@ def _first_count_reaching(total: np.ndarray, recall: float) -> np.ndarray:
     return np.where(t / total < recall, t + 1.0, t)
 
 
+def _next_held(c: Curves, rows: np.ndarray, column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found, next): per row of ``rows``, the first column after ``column`` at which the resample
+    holds a score (a step in either count), or ``column`` itself where none follows. Looks
+    ``HELD_WINDOW`` columns ahead at once and searches the rest of a row only where those are all
+    empty (each is empty with probability ~1/e, so that is rare)."""
+    steps = c.tp_steps.shape[1]
+    ahead = column[:, None] + np.arange(HELD_WINDOW)  # step k is the step into column k + 1
+    inside = ahead < steps
+    ahead = np.minimum(ahead, steps - 1)
+    at = rows[:, None]
+    held = ((c.tp_steps[at, ahead] != 0) | (c.fp_steps[at, ahead] != 0)) & inside
+    found = held.any(axis=1)
+    nxt = column + 1 + held.argmax(axis=1)
+    for k in np.flatnonzero(~found & (column + HELD_WINDOW < steps)):
+        start = column[k] + HELD_WINDOW
+        rest = np.flatnonzero((c.tp_steps[rows[k], start:] != 0) | (c.fp_steps[rows[k], start:] != 0))
+        if rest.size:
+            found[k], nxt[k] = True, start + 1 + rest[0]
+    return found, np.where(found, nxt, column)
+
+
 def fpr95_openood(c: Curves, recall: float = 0.95) -> np.ndarray:
     """ID weight flagged (score >= t) at the first ROC point whose OOD recall reaches 95%, as OpenOOD
     v1.5: ``fpr[argmax(tpr >= 0.95)]`` on ``sklearn.metrics.roc_curve`` with ``drop_intermediate``.
@@ -167,33 +278,38 @@ def fpr95_openood(c: Curves, recall: float = 0.95) -> np.ndarray:
     equal in both counts; then the first kept point at or after it is used. So from the first point
     reaching 95%, walk forward while the step into the point equals the step out of it.
     """
-    n_rows, width = c.tp.shape
-    rows = np.arange(n_rows)
-    d_tp, d_fp = np.diff(c.tp, axis=1), np.diff(c.fp, axis=1)  # [:, k]: the step into column k + 1
-    steps = width - 1
-    # the columns a resample holds a score at, as sorted flat indices into the steps: row r's are
-    # contiguous, so "the next one after column k" is one binary search per row
-    held = np.flatnonzero((d_tp != 0) | (d_fp != 0))
-    row_start = rows * steps
+    rows = np.arange(c.tp.shape[0])
+    d_tp, d_fp = c.tp_steps, c.fp_steps  # [:, k]: the step into column k + 1
     # tp only grows along a row: the first column reaching 95% follows those below it
     needed = _first_count_reaching(c.pos, recall).astype(c.tp.dtype)
-    point = np.sum(c.tp < needed[:, None], axis=1)  # a held column: tp rose to reach it
-    first_held = held[np.searchsorted(held, row_start)] - row_start + 1
-    walking = first_held < point  # sklearn always keeps the first point
+    point = np.count_nonzero(c.tp < needed[:, None], axis=1)  # a held column: tp rose to reach it
+    # sklearn always keeps the first point: walk only where a score is held before this one
+    walking = c.flagged[rows, point - 1] > 0
     while walking.any():
-        i = np.searchsorted(held, row_start + point - 1, side="right")
-        nxt_flat = held[np.minimum(i, held.size - 1)]
-        has_next = (i < held.size) & (nxt_flat < row_start + steps)
-        nxt = np.where(has_next, nxt_flat - row_start + 1, point)
-        walking &= has_next & (d_tp[rows, point - 1] == d_tp[rows, nxt - 1]) \
-            & (d_fp[rows, point - 1] == d_fp[rows, nxt - 1])
-        point = np.where(walking, nxt, point)
+        at = np.flatnonzero(walking)
+        here = point[at]
+        found, nxt = _next_held(c, at, here)
+        same = found & (d_tp[at, here - 1] == d_tp[at, nxt - 1]) & (d_fp[at, here - 1] == d_fp[at, nxt - 1])
+        walking[at] = same
+        point[at[same]] = nxt[same]
     return c.fp[rows, point].astype(np.float64) / c.neg
 
 
+def _detection_errors(tp: np.ndarray, fp: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 - tp / pos) + 0.5 * fp / neg
+
+
 def detection_error(c: Curves) -> np.ndarray:
-    """min over operating points (with 'flag nothing') of 0.5 (1 - TPR) + 0.5 FPR."""
-    return np.min(0.5 * (1.0 - c.tp / c.pos[:, None]) + 0.5 * c.fp / c.neg[:, None], axis=1)
+    """min over operating points (with 'flag nothing') of 0.5 (1 - TPR) + 0.5 FPR.
+
+    Along columns where fp does not step the error (as computed, rounding being monotone) does not
+    rise, so its minimum is at a column just before a negative step or at the last column: with
+    the negative draws at hand only those are evaluated."""
+    if c.neg_draws is None:
+        return np.min(_detection_errors(c.tp, c.fp, c.pos[:, None], c.neg[:, None]), axis=1)
+    before = c.neg_draws - 1
+    inner = _detection_errors(c.tp.ravel()[before], c.fp.ravel()[before], c.pos[:, None], c.neg[:, None])
+    return np.minimum(np.min(inner, axis=1), _detection_errors(c.tp[:, -1], c.fp[:, -1], c.pos, c.neg))
 
 
 METRIC_FUNCTIONS = {"image_auroc": auroc, "aupr_in": aupr_in, "aupr_out": aupr_out,
@@ -230,12 +346,16 @@ def resample_metrics(labels, score_sets, metrics=BOOTSTRAP_METRICS, n_resamples:
     out = {m: np.empty((n_resamples, len(rankings))) for m in metrics}
     for start in range(0, n_resamples, per_chunk):
         stop = min(n_resamples, start + per_chunk)
-        pos_w = class_counts(n_pos, stop - start, rng)
-        neg_w = class_counts(labels.size - n_pos, stop - start, rng)
+        # the draws class_counts makes: B x size indices, positives then negatives, chunk by chunk
+        pos_picks = rng.integers(0, n_pos, size=(stop - start, n_pos))
+        neg_picks = rng.integers(0, labels.size - n_pos, size=(stop - start, labels.size - n_pos))
         for j, r in enumerate(rankings):
-            c = curves(r, pos_w, neg_w)
-            for m in metrics:
-                out[m][start:stop, j] = METRIC_FUNCTIONS[m](c)
+            per_block = max(1, BLOCK_ELEMENTS // r.width)
+            for block in range(0, stop - start, per_block):
+                rows = slice(block, block + per_block)
+                c = resampled_curves(r, pos_picks[rows], neg_picks[rows])
+                for m in metrics:
+                    out[m][start + block:start + block + c.tp.shape[0], j] = METRIC_FUNCTIONS[m](c)
     return out
 
 

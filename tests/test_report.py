@@ -176,6 +176,42 @@ def test_curve_metrics_equal_sklearn_and_explicit_resamples(n, ties):
         assert got == pytest.approx(want, abs=1e-6)
 
 
+@pytest.mark.parametrize("n, frac, ties, n_resamples, block", [
+    (719, 0.9, False, 1000, None), (40, 0.35, True, 300, None), (301, 0.5, "all", 200, 7),
+    (12_000, 0.5, True, 700, None), (30, 0.05, False, 50, 1), (40_000, 0.3, False, 120, None)])
+def test_resampling_counts_into_columns_exactly_as_the_per_sample_weights_do(monkeypatch, n, frac, ties,
+                                                                               n_resamples, block):
+    """resample_metrics (draws counted straight into the distinct-score columns, curve arithmetic in
+    cache-sized blocks) gives bit for bit what the plain path gives: class_counts' weights of the same
+    draws, chunk by chunk, through curves and the metrics (12,000 samples: several chunks of draws)."""
+    from reports import bootstrap as b
+
+    if block is not None:
+        monkeypatch.setattr(b, "BLOCK_ELEMENTS", block * (n + 1))  # blocks of `block` resamples
+    rng = np.random.default_rng(n)
+    labels = (rng.random(n) < frac).astype(np.int8)
+    labels[:2] = [1, 0]
+    score_sets = [rng.normal(size=n) + labels for _ in range(2)]
+    if ties:
+        score_sets = [np.round(s, 1 if ties is True else 0) for s in score_sets]
+    got = b.resample_metrics(labels, score_sets, b.BOOTSTRAP_METRICS, n_resamples, seed=3)
+
+    draws = np.random.default_rng(3)
+    n_pos = int(labels.sum())
+    per_chunk = max(1, b.CHUNK_ELEMENTS // n)
+    want = {m: np.empty((n_resamples, 2)) for m in b.BOOTSTRAP_METRICS}
+    for start in range(0, n_resamples, per_chunk):
+        stop = min(n_resamples, start + per_chunk)
+        pos_w, neg_w = b.class_counts(n_pos, stop - start, draws), b.class_counts(n - n_pos, stop - start, draws)
+        for j, scores in enumerate(score_sets):
+            c = b.curves(b.ranking(labels, scores), pos_w, neg_w)
+            for m, f in b.METRIC_FUNCTIONS.items():
+                want[m][start:stop, j] = f(c)
+    assert n != 12_000 or n_resamples > per_chunk  # that case spans chunks; 40,000: past the exact sums
+    for m in b.BOOTSTRAP_METRICS:
+        assert np.array_equal(got[m], want[m], equal_nan=True), m
+
+
 def test_openood_fpr95_drops_the_point_inside_a_straight_roc_run_as_sklearn_does():
     from metrics import image
     from reports import bootstrap as b
