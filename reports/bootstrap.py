@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reports import bootstrap_kernel
+
 #: Metrics with a bootstrap interval (image-level, computable from labels and scores alone).
 BOOTSTRAP_METRICS = ("image_auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_openood", "detection_error")
 N_RESAMPLES = 1000
@@ -37,6 +39,7 @@ CHUNK_ELEMENTS = 4_000_000  # resamples x samples drawn at once (this also fixes
 FLOAT32_WHOLE = float(1 << 24)  # whole numbers below this are exact in float32
 EXACT_SUM_SAMPLES = 1 << 15  # up to 2^15 samples drawn, AP terms add exactly in float64 in any order
 HELD_WINDOW = 32  # columns fpr95_openood looks ahead at once for a resample's next held score
+USE_KERNEL = True  # False: the numpy path for every size (tests compare the two)
 BLOCK_ELEMENTS = 200_000  # resamples x distinct scores per block of curve arithmetic (~0.8 MB of float32)
 
 
@@ -336,7 +339,8 @@ def resample_metrics(labels, score_sets, metrics=BOOTSTRAP_METRICS, n_resamples:
     """Bootstrap distribution of each metric: ``{metric: n_resamples x len(score_sets)}``.
 
     All score sets are scored on the *same* resamples of the test samples (``score_sets``: one or
-    more score vectors for one label vector), which makes a difference between them paired.
+    more score vectors for one label vector), which makes a difference between them paired. Test
+    sets of up to ``bootstrap_kernel.MAX_SAMPLES`` go through the compiled kernel (same numbers).
     """
     labels = np.asarray(labels)
     rankings = [ranking(labels, np.asarray(s, dtype=np.float64)) for s in score_sets]
@@ -344,12 +348,18 @@ def resample_metrics(labels, score_sets, metrics=BOOTSTRAP_METRICS, n_resamples:
     rng = np.random.default_rng(seed)
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, labels.size))
     out = {m: np.empty((n_resamples, len(rankings))) for m in metrics}
+    compiled = USE_KERNEL and bootstrap_kernel.applies(labels.size)
     for start in range(0, n_resamples, per_chunk):
         stop = min(n_resamples, start + per_chunk)
         # the draws class_counts makes: B x size indices, positives then negatives, chunk by chunk
         pos_picks = rng.integers(0, n_pos, size=(stop - start, n_pos))
         neg_picks = rng.integers(0, labels.size - n_pos, size=(stop - start, labels.size - n_pos))
         for j, r in enumerate(rankings):
+            if compiled:
+                values = bootstrap_kernel.block_metrics(r.pos_column, r.neg_column, pos_picks, neg_picks, r.width)
+                for m in metrics:
+                    out[m][start:stop, j] = values[bootstrap_kernel.METRICS.index(m)]
+                continue
             per_block = max(1, BLOCK_ELEMENTS // r.width)
             for block in range(0, stop - start, per_block):
                 rows = slice(block, block + per_block)

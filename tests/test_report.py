@@ -179,13 +179,20 @@ def test_curve_metrics_equal_sklearn_and_explicit_resamples(n, ties):
 @pytest.mark.parametrize("n, frac, ties, n_resamples, block", [
     (719, 0.9, False, 1000, None), (40, 0.35, True, 300, None), (301, 0.5, "all", 200, 7),
     (12_000, 0.5, True, 700, None), (30, 0.05, False, 50, 1), (40_000, 0.3, False, 120, None)])
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernel", "numpy"])
 def test_resampling_counts_into_columns_exactly_as_the_per_sample_weights_do(monkeypatch, n, frac, ties,
-                                                                               n_resamples, block):
-    """resample_metrics (draws counted straight into the distinct-score columns, curve arithmetic in
-    cache-sized blocks) gives bit for bit what the plain path gives: class_counts' weights of the same
-    draws, chunk by chunk, through curves and the metrics (12,000 samples: several chunks of draws)."""
+                                                                               n_resamples, block, compiled):
+    """resample_metrics gives bit for bit what the plain path gives (class_counts' weights of the
+    same draws, chunk by chunk, through curves and the metrics), both through the compiled kernel
+    (16 resamples per SIMD pass; up to 2^15 samples) and through the numpy path (draws counted
+    straight into the distinct-score columns, curve arithmetic in cache-sized blocks). 12,000
+    samples: several chunks of draws; 40,000: past both the kernel and the exact sparse sums."""
     from reports import bootstrap as b
+    from reports import bootstrap_kernel
 
+    if compiled and bootstrap_kernel.numba is None:
+        pytest.skip("numba is not installed: the numpy path only")
+    monkeypatch.setattr(b, "USE_KERNEL", compiled)
     if block is not None:
         monkeypatch.setattr(b, "BLOCK_ELEMENTS", block * (n + 1))  # blocks of `block` resamples
     rng = np.random.default_rng(n)
