@@ -15,9 +15,11 @@ Each figure is printed with a ratio against a baseline measured in the same run:
             against the smallest size. Rows are written with ``RowStore.write`` (real ``noop`` rows
             of each class, re-keyed per cell). Where the store can compact (``RowStore.compact``)
             each size is also planned after ``bench.py compact RUN`` (or ``compact()``).
-* report    ``bench.py report RUN`` at 10,000 rows (100,000 with --big): wall time and peak RSS,
-            against the same at a tenth of the rows (10x the rows should cost at most about 10x).
-            Uses the rows of the ``cells`` part when it ran, else the synthetic rows.
+* report    ``bench.py report RUN`` from cold (no bootstrap cache) at 10,000 rows (100,000 with
+            --big) over the store as a finished run leaves it (compacted at its end): wall time and
+            peak RSS, against the same at a tenth of the rows (10x the rows should cost at most about
+            10x). ``--report-loose`` also times the rows left as one-row files. Uses the rows of the
+            ``cells`` part when it ran, else the synthetic rows.
 * recovery  a 4-node local cluster (head 127.0.0.2 with no CPU, workers 127.0.0.3-5 with one each, as
             tests/test_cluster.py starts nodes); ``bench.py GRID --address`` runs 90 ``noop`` cells of
             0.2 s; once a third of the rows are written the raylet of node 127.0.0.4 is killed
@@ -477,21 +479,36 @@ def part_report(args, work: Path, state: dict) -> None:
     for size in (n // 10, n):   # a tenth of the rows: the baseline
         grid = noop_grid(work / f"report{size}.yaml", size)
         ids = [c.cell_id for c in expand(load_grid(grid)).cells]
+        stores = []
+        if args.report_loose:  # the rows as 10,000 one-row files: a run whose compaction was off
+            stores.append(("loose files", linked_subset(src, work / "results" / f"report{size}loose", ids), None))
         folder = linked_subset(src, work / "results" / f"report{size}", ids)
-        r = timed_process([sys.executable, str(Path(args.repo) / "bench.py"), "report", str(folder)],
-                          work / f"report{size}.out", args.report_timeout, cwd=Path(args.repo))
-        sizes.append((size, r))
-    print(f"\n[report] bench.py report ({kind})")
-    for size, r in sizes:
+        # as a finished run leaves its rows: compacted at its end (bench.py compact)
+        took = compact(folder, Path(args.repo), work / f"compact-report{size}.out")
+        stores.append(("compacted" if took is not None else "loose files", folder, took))
+        for label, run_dir, took in stores:
+            r = timed_process([sys.executable, str(Path(args.repo) / "bench.py"), "report", str(run_dir)],
+                              report_log(work, size, label), args.report_timeout, cwd=Path(args.repo))
+            sizes.append((size, label, took, r))
+    print(f"\n[report] bench.py report, cold (no bootstrap cache) ({kind})")
+    for size, label, took, r in sizes:
         state_txt = "timed out" if r["timed_out"] else f"exit {r['rc']}"
-        print(f"  {size:>8,} rows: {r['wall_s']:7.1f} s, peak RSS {mib(r['maxrss_kib'])} ({state_txt})")
-    (a, ra), (b, rb) = sizes
-    if not (ra["timed_out"] or rb["timed_out"]):
-        print(f"  {b:,} vs {a:,} rows: {rb['wall_s'] / ra['wall_s']:.1f}x the time for {b / a:.0f}x the rows "
-              f"({rb['wall_s'] / ra['wall_s'] / (b / a):.2f} of linear)")
-    for size, r in sizes:
+        made = f"; the run's compaction took {took:.0f} s" if took is not None else ""
+        print(f"  {size:>8,} rows, {label:<11}: {r['wall_s']:7.1f} s, peak RSS {mib(r['maxrss_kib'])} "
+              f"({state_txt}{made})")
+    for label in dict.fromkeys(lbl for _, lbl, _, _ in sizes):
+        pair = [(size, r) for size, lbl, _, r in sizes if lbl == label]
+        (a, ra), (b, rb) = pair
+        if not (ra["timed_out"] or rb["timed_out"]):
+            print(f"  {label}: {b:,} vs {a:,} rows: {rb['wall_s'] / ra['wall_s']:.1f}x the time for {b / a:.0f}x the "
+                  f"rows ({rb['wall_s'] / ra['wall_s'] / (b / a):.2f} of linear)")
+    for size, label, _, r in sizes:
         if r["rc"] != 0:
-            print(f"  report at {size:,} rows: " + (work / f"report{size}.out").read_text()[-1500:])
+            print(f"  report at {size:,} rows ({label}): " + report_log(work, size, label).read_text()[-1500:])
+
+
+def report_log(work: Path, size: int, label: str) -> Path:
+    return work / f"report{size}-{label.split()[0]}.out"
 
 
 def free_port() -> int:
@@ -614,6 +631,8 @@ def main() -> int:
     p.add_argument("--recovery-cells", type=int, default=90)
     p.add_argument("--recovery-timeout", type=float, default=600)
     p.add_argument("--report-timeout", type=float, default=600, help="seconds per report build")
+    p.add_argument("--report-loose", action="store_true", help="also time the report over the rows as one-row "
+                   "files (a run with compaction off); by default only the compacted store a run leaves")
     p.add_argument("--workdir", help="keep rows and grids here (reused by a later run) instead of a temp folder")
     p.add_argument("--repo", default=str(ROOT), help="checkout whose bench.py and orchestrator the dryrun and "
                    "planning children use (default: this one)")

@@ -12,7 +12,9 @@ The resampling path counts the draws straight into the distinct-score columns (o
 of each drawn sample's column), so the per-column steps come out first and the curve is their
 cumulative sum; the counts are integers, exact in float32, so this gives bit for bit what the
 per-sample weights of ``class_counts`` through ``curves`` give (a test holds the two equal). The
-curve arithmetic runs in blocks of resamples small enough to stay in the CPU cache.
+curve arithmetic runs in blocks of resamples small enough to stay in the CPU cache. Test sets of
+up to 2^15 samples take ``reports.bootstrap_kernel`` instead: the same arithmetic compiled, 16
+resamples per SIMD pass, the same numbers bit for bit (the same test holds it equal).
 """
 from __future__ import annotations
 
@@ -36,8 +38,6 @@ MAX_DRAWS = 10_000_000  # resamples x test samples per row; larger test sets get
 LEVEL = 0.95
 SEED = 0
 CHUNK_ELEMENTS = 4_000_000  # resamples x samples drawn at once (this also fixes the order of the draws)
-FLOAT32_WHOLE = float(1 << 24)  # whole numbers below this are exact in float32
-EXACT_SUM_SAMPLES = 1 << 15  # up to 2^15 samples drawn, AP terms add exactly in float64 in any order
 HELD_WINDOW = 32  # columns fpr95_openood looks ahead at once for a resample's next held score
 USE_KERNEL = True  # False: the numpy path for every size (tests compare the two)
 BLOCK_ELEMENTS = 200_000  # resamples x distinct scores per block of curve arithmetic (~0.8 MB of float32)
@@ -123,9 +123,6 @@ class Curves:
     fp: np.ndarray
     tp_steps: np.ndarray | None = None
     fp_steps: np.ndarray | None = None
-    #: resampled curves only: each negative draw's column as a flat index into ``tp`` / ``fp``
-    #: (``B x n_neg``), for the metrics whose terms are nonzero only where a negative was drawn
-    neg_draws: np.ndarray | None = None
 
     def __post_init__(self):
         if self.tp_steps is None:
@@ -137,14 +134,6 @@ class Curves:
     def flagged(self) -> np.ndarray:
         """``tp + fp``: all weight with score >= each column's (shared by the AP metrics)."""
         return self.tp + self.fp
-
-    @functools.cached_property
-    def first_neg_draws(self) -> np.ndarray:
-        """``neg_draws`` with one entry per (resample, column): the columns with a negative step."""
-        ticket = np.arange(self.neg_draws.size, dtype=np.int64).reshape(self.neg_draws.shape)
-        marker = np.empty(self.tp.size, dtype=np.int64)  # only the positions written are read
-        marker[self.neg_draws] = ticket  # of repeated draws one writes last: that one is kept
-        return self.neg_draws[marker[self.neg_draws] == ticket]
 
     @property
     def pos(self) -> np.ndarray:
@@ -161,39 +150,30 @@ def curves(r: Ranking, pos_weights: np.ndarray, neg_weights: np.ndarray) -> Curv
                   _cumulative(neg_weights, r.neg_order, r.neg_at))
 
 
-def _column_counts(columns: np.ndarray, picks: np.ndarray,
-                   width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, cumulative, draws): ``B x width`` float32 counts of the drawn samples (``picks``:
-    ``B x size`` indices into one class) at each column, the samples' ``columns`` giving where each
-    one counts; their running sums along the columns; and each draw's column as a flat index into
-    a ``B x width`` array. Summed in int64 and then cast: exact either way (counts are integers),
-    but numpy's float cumsum along rows is ~10x slower than its integer one."""
+def _column_counts(columns: np.ndarray, picks: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, cumulative): ``B x width`` float32 counts of the drawn samples (``picks``: ``B x size``
+    indices into one class) at each column, the samples' ``columns`` giving where each one counts,
+    and their running sums along the columns. Summed in int64 and then cast: exact either way
+    (counts are integers), but numpy's float cumsum along rows is ~10x slower than its integer one."""
     n_rows = picks.shape[0]
     draws = np.take(columns, picks)
     draws += (np.arange(n_rows) * width)[:, None]
     steps = np.bincount(draws.ravel(), minlength=n_rows * width).reshape(n_rows, width)
-    return steps.astype(np.float32), np.cumsum(steps, axis=1).astype(np.float32), draws
+    return steps.astype(np.float32), np.cumsum(steps, axis=1).astype(np.float32)
 
 
 def resampled_curves(r: Ranking, pos_picks: np.ndarray, neg_picks: np.ndarray) -> Curves:
     """The curves of ``B`` resamples given as drawn indices (``B x n_pos`` among the positives,
     ``B x n_neg`` among the negatives): equal to ``curves`` of the draws' counts, without the
     per-sample weights (each draw is counted at its score's column, then summed along)."""
-    tp_steps, tp, _ = _column_counts(r.pos_column, pos_picks, r.width)
-    fp_steps, fp, neg_draws = _column_counts(r.neg_column, neg_picks, r.width)
-    return Curves(tp, fp, tp_steps[:, 1:], fp_steps[:, 1:], neg_draws)
+    tp_steps, tp = _column_counts(r.pos_column, pos_picks, r.width)
+    fp_steps, fp = _column_counts(r.neg_column, neg_picks, r.width)
+    return Curves(tp, fp, tp_steps[:, 1:], fp_steps[:, 1:])
 
 
 def auroc(c: Curves) -> np.ndarray:
-    """Trapezoid under the exact ROC curve (ties count one half), as roc_auc_score:
-    ``sum_k fp_step_k (tp_k + tp_{k-1})``. Where ``2 pos neg < 2^24`` every term and partial sum is
-    a whole number float32 holds exactly, so the sum over the negative draws (one term each) is the
-    same number, found without a pass over every column."""
-    if c.neg_draws is not None and 2.0 * c.pos.max() * c.neg.max() < FLOAT32_WHOLE:
-        tp = c.tp.ravel()
-        area = np.sum(tp[c.neg_draws] + tp[c.neg_draws - 1], axis=1, dtype=np.float64)
-    else:
-        area = np.sum(c.fp_steps * (c.tp[:, 1:] + c.tp[:, :-1]), axis=1, dtype=np.float64)
+    """Trapezoid under the exact ROC curve (ties count one half), as roc_auc_score."""
+    area = np.sum(c.fp_steps * (c.tp[:, 1:] + c.tp[:, :-1]), axis=1, dtype=np.float64)
     return area / 2.0 / (c.pos.astype(np.float64) * c.neg)
 
 
@@ -218,16 +198,6 @@ def aupr_in(c: Curves) -> np.ndarray:
     is ``fp_steps[:, k]``. The terms are summed in the order of rising thresholds (columns right to
     left), from a contiguous copy: a reduction over a reversed view may not add in that order.
     """
-    if c.neg_draws is not None and (c.pos + c.neg).max() <= EXACT_SUM_SAMPLES:
-        # each term is a float32 multiple of 2^-(L+23) and the sum at most n <= 2^L, L <= 15, so
-        # float64 adds them exactly in any order: only the columns with a negative step are summed
-        into = c.first_neg_draws  # flat index of column k + 1; the threshold below it is column k
-        below = into - 1
-        rows = into // c.tp.shape[1]
-        fp, flagged = c.fp.ravel(), c.flagged.ravel()
-        id_kept = c.neg[rows] - fp[below]
-        terms = (fp[into] - fp[below]) * _precision(id_kept, (c.pos + c.neg)[rows] - flagged[below])
-        return np.bincount(rows, weights=terms, minlength=c.tp.shape[0]) / c.neg
     id_kept = c.neg[:, None] - c.fp[:, :-1]
     terms = c.fp_steps * _precision(id_kept, (c.pos + c.neg)[:, None] - c.flagged[:, :-1])
     return np.sum(np.ascontiguousarray(terms[:, ::-1]), axis=1, dtype=np.float64) / c.neg
@@ -298,21 +268,9 @@ def fpr95_openood(c: Curves, recall: float = 0.95) -> np.ndarray:
     return c.fp[rows, point].astype(np.float64) / c.neg
 
 
-def _detection_errors(tp: np.ndarray, fp: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 - tp / pos) + 0.5 * fp / neg
-
-
 def detection_error(c: Curves) -> np.ndarray:
-    """min over operating points (with 'flag nothing') of 0.5 (1 - TPR) + 0.5 FPR.
-
-    Along columns where fp does not step the error (as computed, rounding being monotone) does not
-    rise, so its minimum is at a column just before a negative step or at the last column: with
-    the negative draws at hand only those are evaluated."""
-    if c.neg_draws is None:
-        return np.min(_detection_errors(c.tp, c.fp, c.pos[:, None], c.neg[:, None]), axis=1)
-    before = c.neg_draws - 1
-    inner = _detection_errors(c.tp.ravel()[before], c.fp.ravel()[before], c.pos[:, None], c.neg[:, None])
-    return np.minimum(np.min(inner, axis=1), _detection_errors(c.tp[:, -1], c.fp[:, -1], c.pos, c.neg))
+    """min over operating points (with 'flag nothing') of 0.5 (1 - TPR) + 0.5 FPR."""
+    return np.min(0.5 * (1.0 - c.tp / c.pos[:, None]) + 0.5 * c.fp / c.neg[:, None], axis=1)
 
 
 METRIC_FUNCTIONS = {"image_auroc": auroc, "aupr_in": aupr_in, "aupr_out": aupr_out,
