@@ -59,7 +59,14 @@ def block_metrics(pos_column: np.ndarray, neg_column: np.ndarray, pos_picks: np.
 
 
 def _compile(function):
-    return numba.njit(nogil=True, cache=True, error_model="numpy")(function) if numba is not None else function
+    """numba-compiled, releasing the GIL (the report resamples rows in threads), with the compiled
+    code cached beside this file (or in numba's user cache) when either is writable."""
+    if numba is None:
+        return function
+    try:
+        return numba.njit(nogil=True, cache=True, error_model="numpy")(function)
+    except RuntimeError:  # numba finds no writable cache location: compile in each process
+        return numba.njit(nogil=True, error_model="numpy")(function)
 
 
 f32 = np.float32

@@ -1030,3 +1030,37 @@ def test_a_pixel_metric_over_other_images_is_a_setting_that_differs():
     assert differs == [] and "full_pro" in setting
     params["metric_variants"] = {"pro": "anomalous_only"}
     assert pick("patchcore", "mvtec", "one_class", "bottle", "pro", params)[::2] == (0.9714, [])
+
+
+def test_the_bootstrap_kernel_compiles_without_a_writable_cache(monkeypatch):
+    """Where numba finds no writable cache location (cache=True raises at decoration), the kernel is
+    compiled per process instead, and gives the same numbers."""
+    import importlib
+
+    from reports import bootstrap as b
+    from reports import bootstrap_kernel
+
+    if bootstrap_kernel.numba is None:
+        pytest.skip("numba is not installed: the numpy path only")
+    rng = np.random.default_rng(5)
+    labels = (rng.random(300) < 0.5).astype(np.int8)
+    labels[:2] = [1, 0]
+    scores = rng.normal(size=300) + labels
+    want = b.resample_metrics(labels, [scores], b.BOOTSTRAP_METRICS, 100, seed=1)
+    real_njit, asked = bootstrap_kernel.numba.njit, []
+
+    def no_cache_location(*args, **kwargs):
+        asked.append(bool(kwargs.get("cache")))
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return real_njit(*args, **kwargs)
+
+    monkeypatch.setattr(bootstrap_kernel.numba, "njit", no_cache_location)
+    try:
+        importlib.reload(bootstrap_kernel)
+        assert asked == [True, False, True, False]  # each of the two functions: cached, then not
+        got = b.resample_metrics(labels, [scores], b.BOOTSTRAP_METRICS, 100, seed=1)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(bootstrap_kernel)
+    assert all(np.array_equal(want[m], got[m]) for m in b.BOOTSTRAP_METRICS)
