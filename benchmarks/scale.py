@@ -479,13 +479,12 @@ def part_report(args, work: Path, state: dict) -> None:
     for size in (n // 10, n):   # a tenth of the rows: the baseline
         grid = noop_grid(work / f"report{size}.yaml", size)
         ids = [c.cell_id for c in expand(load_grid(grid)).cells]
-        stores = []
-        if args.report_loose:  # the rows as 10,000 one-row files: a run whose compaction was off
-            stores.append(("loose files", linked_subset(src, work / "results" / f"report{size}loose", ids), None))
         folder = linked_subset(src, work / "results" / f"report{size}", ids)
         # as a finished run leaves its rows: compacted at its end (bench.py compact)
         took = compact(folder, Path(args.repo), work / f"compact-report{size}.out")
-        stores.append(("compacted" if took is not None else "loose files", folder, took))
+        stores = [("compacted" if took is not None else "loose files", folder, took)]
+        if args.report_loose and took is not None:  # also as one-row files: a run whose compaction was off
+            stores.insert(0, ("loose files", linked_subset(src, work / "results" / f"report{size}loose", ids), None))
         for label, run_dir, took in stores:
             r = timed_process([sys.executable, str(Path(args.repo) / "bench.py"), "report", str(run_dir)],
                               report_log(work, size, label), args.report_timeout, cwd=Path(args.repo))
